@@ -6,11 +6,12 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_api.ipynb #4a8836a2
+# %% ../nbs/99_api.ipynb #90d326ee
 from .types import *
 from .adapter import *
+from .progress import *
 from .graph import *
 from .data import *
-from . import types, adapter, graph, data
+from . import types, adapter, progress, graph, data
 
-__all__ = [name for module in (types, adapter, graph, data) for name in module.__all__]
+__all__ = [name for module in (types, adapter, progress, graph, data) for name in module.__all__]
