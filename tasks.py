@@ -4,6 +4,9 @@
     python3 tasks.py run    # make the environment (once), then the main job on the shipped default
     python3 tasks.py test   # make the environment (once), then run every notebook as a test
 
+Maintainers also have `python3 tasks.py readme` (README.md from nbs/index.ipynb, what nbdev_readme
+does where Quarto is installed) and `python3 tasks.py setup` (the environment alone).
+
 Needs only python3 (with its standard `venv` module). The environment lives in `.venv` (or in
 $CIRCUIT_NB_VENV) and is rebuilt only when `constraints.txt`, `setup.py` or `settings.ini` change.
 """
@@ -67,11 +70,28 @@ def _test_notebooks(flags=""):
     return 0 if failed == 0 and passed > 0 else 1
 
 
+def readme_text(index=ROOT / "nbs" / "index.ipynb") -> str:
+    "README.md's text, from the landing-page notebook: markdown as is, code in fences, hidden cells left out."
+    import json
+    parts = []
+    for cell in json.loads(index.read_text())["cells"]:
+        src = "".join(cell["source"]).strip()
+        if cell["cell_type"] == "markdown": parts.append(src)
+        elif not src.startswith("#| hide"):
+            code = "\n".join(l for l in src.splitlines() if not l.startswith("#|"))
+            parts.append(f"```python\n{code}\n```")
+    return "\n\n".join(parts) + "\n"
+
+
 def main(argv):
     cmd = argv[1] if len(argv) > 1 else "run"
     if cmd == "_test": return _test_notebooks(" ".join(argv[2:]))
-    if cmd not in ("run", "test"): sys.exit(f"unknown command {cmd!r}: use 'run' or 'test'")
+    if cmd == "readme":
+        (ROOT / "README.md").write_text(readme_text())
+        return 0
+    if cmd not in ("run", "test", "setup"): sys.exit(f"unknown command {cmd!r}: use 'run' or 'test'")
     ensure_env()
+    if cmd == "setup": return 0
     if cmd == "run":
         env = dict(os.environ, MPLBACKEND=os.environ.get("MPLBACKEND", "Agg"))
         return subprocess.run([str(VENV / "bin" / "circuit_nb"), *argv[2:]], cwd=ROOT, env=env).returncode
