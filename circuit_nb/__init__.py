@@ -6,12 +6,13 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_api.ipynb #38ac6006
+# %% ../nbs/99_api.ipynb #3db899c4
 from .types import *
 from .adapter import *
 from .progress_bars import *
 from .graph import *
 from .data import *
-from . import types, adapter, progress_bars, graph, data
+from .circuits import *
+from . import types, adapter, progress_bars, graph, data, circuits
 
-__all__ = [name for module in (types, adapter, progress_bars, graph, data) for name in module.__all__]
+__all__ = [name for module in (types, adapter, progress_bars, graph, data, circuits) for name in module.__all__]
