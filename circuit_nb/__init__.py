@@ -6,13 +6,14 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_api.ipynb #3db899c4
+# %% ../nbs/99_api.ipynb #3df06a88
 from .types import *
 from .adapter import *
 from .progress_bars import *
 from .graph import *
 from .data import *
 from .circuits import *
-from . import types, adapter, progress_bars, graph, data, circuits
+from .storage import *
+from . import types, adapter, progress_bars, graph, data, circuits, storage
 
-__all__ = [name for module in (types, adapter, progress_bars, graph, data, circuits) for name in module.__all__]
+__all__ = [name for module in (types, adapter, progress_bars, graph, data, circuits, storage) for name in module.__all__]
