@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_api.ipynb #3df06a88
+# %% ../nbs/99_api.ipynb #22bdfa38
 from .types import *
 from .adapter import *
 from .progress_bars import *
@@ -14,6 +14,7 @@ from .graph import *
 from .data import *
 from .circuits import *
 from .storage import *
-from . import types, adapter, progress_bars, graph, data, circuits, storage
+from .zoo import *
+from . import types, adapter, progress_bars, graph, data, circuits, storage, zoo
 
-__all__ = [name for module in (types, adapter, progress_bars, graph, data, circuits, storage) for name in module.__all__]
+__all__ = [name for module in (types, adapter, progress_bars, graph, data, circuits, storage, zoo) for name in module.__all__]
