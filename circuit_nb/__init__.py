@@ -6,15 +6,21 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_api.ipynb #22bdfa38
+# %% ../nbs/99_api.ipynb #fc5044ba
 from .types import *
 from .adapter import *
 from .progress_bars import *
 from .graph import *
 from .data import *
+from .mask_gradients import *
+from .edge_attribution_patching import *
+from .subnetwork_probing import *
+from .evaluate import *
 from .circuits import *
 from .storage import *
 from .zoo import *
-from . import types, adapter, progress_bars, graph, data, circuits, storage, zoo
+from . import types, adapter, progress_bars, graph, data, mask_gradients, edge_attribution_patching
+from . import subnetwork_probing, evaluate, circuits, storage, zoo
 
-__all__ = [name for module in (types, adapter, progress_bars, graph, data, circuits, storage, zoo) for name in module.__all__]
+__all__ = [name for module in (types, adapter, progress_bars, graph, data, mask_gradients, edge_attribution_patching,
+                                  subnetwork_probing, evaluate, circuits, storage, zoo) for name in module.__all__]
