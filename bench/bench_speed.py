@@ -1,0 +1,142 @@
+"""Speed and memory of circuit_nb against the floor, measured in one run (issue 6).
+
+    .venv/bin/python bench/bench_speed.py [--repeats 3] [--device cpu|cuda] [--out bench/RESULTS.md]
+
+Workload: a GPT-2-small-shaped HookedTransformer built from a config (12 layers x 12 heads, d_model 768,
+vocab 50,257, random weights), 2 batches x 8 prompts x 16 tokens. The floor: the same model unwrapped doing a
+forward pass on the corrupt prompts plus a forward and backward pass on the clean ones (gradient to the
+embeddings). Every time is the best of --repeats runs; every ratio compares two times taken in this run.
+Peak memory is the growth of the process's peak resident set (VmHWM, reset before each measurement) on the
+CPU, or of torch's peak allocation on CUDA.
+"""
+import argparse, os, platform, sys, time, warnings
+from pathlib import Path
+
+import torch as t
+
+warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from circuit_nb import (PromptDataLoader, PromptDataset, graph_edges, patch_mode, patchable_model, run_circuits,
+                        show_progress, source_outputs)
+from circuit_nb.mask_gradients import mask_gradient_prune_scores
+
+
+def gpt2_small_shape(device):
+    cfg = HookedTransformerConfig(n_layers=12, n_heads=12, d_model=768, d_head=64, d_mlp=3072, d_vocab=50257,
+                                  n_ctx=1024, act_fn="gelu_new", normalization_type="LN", seed=0, device=device)
+    return HookedTransformer(cfg).eval()
+
+
+def workload(device, n_batches=2, batch_size=8, seq=16):
+    g = t.Generator().manual_seed(0)
+    clean, corrupt = (t.randint(0, 50257, (n_batches * batch_size, seq), generator=g) for _ in range(2))
+    answers, wrong = (t.randint(0, 50257, (n_batches * batch_size, 1), generator=g) for _ in range(2))
+    data = PromptDataset(clean.to(device), corrupt.to(device), answers.to(device), wrong.to(device))
+    return PromptDataLoader(data, seq_len=None, diverge_idx=0, batch_size=batch_size)
+
+
+class Meter:
+    "Best-of-n wall time and peak memory growth of a callable."
+    def __init__(self, device, repeats):
+        self.device, self.repeats = device, repeats
+
+    def _sync(self):
+        if self.device == "cuda": t.cuda.synchronize()
+
+    def _reset_peak(self):
+        if self.device == "cuda":
+            t.cuda.reset_peak_memory_stats(); return t.cuda.memory_allocated()
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status("VmRSS")
+
+    def _peak(self):
+        return t.cuda.max_memory_allocated() if self.device == "cuda" else _status("VmHWM")
+
+    def __call__(self, fn):
+        print(f"measuring {fn.__name__} ...", file=sys.stderr, flush=True)
+        fn(); self._sync()  # warm-up
+        times, peaks = [], []
+        for _ in range(self.repeats):
+            base = self._reset_peak()
+            start = time.perf_counter(); fn(); self._sync()
+            times.append(time.perf_counter() - start); peaks.append(self._peak() - base)
+        return min(times), max(min(peaks), 1)
+
+
+def _status(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field): return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--ig-samples", type=int, default=4)
+    ap.add_argument("--out", default=None, help="append the results to this markdown file")
+    args = ap.parse_args()
+    show_progress(False)
+    meter, dev = Meter(args.device, args.repeats), args.device
+    model = gpt2_small_shape(dev)
+    for p in model.parameters(): p.requires_grad_(False)
+    loader = workload(dev)
+    rows = []
+
+    start = time.perf_counter(); graph_edges(model, factorized=True, seq_len=16)
+    rows.append(("build GPT-2-small graph, seq_len=16 (519,856 edges)", time.perf_counter() - start, None, "<= 0.5 s", "s"))
+
+    def embed_requires_grad(x, hook): return x.detach().requires_grad_(True)
+    def floor():
+        for b in loader:
+            with t.no_grad(): model(b.corrupt)
+            logits = model.run_with_hooks(b.clean, fwd_hooks=[("hook_embed", embed_requires_grad)])[:, -1]
+            (logits.gather(1, b.answers) - logits.gather(1, b.wrong_answers)).mean().backward()
+    def plain_forward():
+        with t.no_grad():
+            for b in loader: model(b.clean)
+    floor_time, floor_mem = meter(floor)
+    plain_time, plain_mem = meter(plain_forward)
+
+    pm = patchable_model(model, factorized=True, slice_output="last_seq", device=t.device(dev))
+    def eap(): mask_gradient_prune_scores(pm, loader, None, "logit", "avg_diff", mask_val=0.0)
+    def ig(): mask_gradient_prune_scores(pm, loader, None, "logit", "avg_diff", integrated_grad_samples=args.ig_samples)
+    ablations = {b.key: source_outputs(pm, b.corrupt) for b in loader}
+    def patched_forward():
+        with t.no_grad():
+            for b in loader:
+                with patch_mode(pm, ablations[b.key]): pm(b.clean)
+    scores = {n: t.randn(s.shape, generator=t.Generator().manual_seed(0)).to(dev) for n, s in pm.new_prune_scores().items()}
+    counts = [round(pm.n_edges * f) for f in t.linspace(0, 1, 20).tolist()]
+    def twenty_circuits(): run_circuits(pm, loader, counts, scores)
+
+    eap_time, eap_mem = meter(eap)
+    ig_time, _ = meter(ig)
+    patched_time, _ = meter(patched_forward)
+    circuits_time, _ = meter(twenty_circuits)
+    n = args.ig_samples
+    rows += [("edge attribution patching (mask gradients, mask_val=0) / floor", eap_time, eap_time / floor_time, "<= 1.5", "x"),
+             ("  its peak memory / the floor's", None, eap_mem / floor_mem, "<= 1.5", "x"),
+             (f"integrated gradients, {n} samples / ((n+1) x EAP)", ig_time, ig_time / ((n + 1) * eap_time), "<= 1.1", "x"),
+             ("patched forward, all masks 0 / plain forward", patched_time, patched_time / plain_time, "<= 1.3", "x"),
+             ("20 circuit sizes / 20 plain forwards", circuits_time, circuits_time / (20 * plain_time), "<= 1.0", "x")]
+    pm.unwrap()
+
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {t.__version__}, device {dev}" + \
+              (f" ({t.cuda.get_device_name()})" if dev == "cuda" else f", OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    lines = [f"## {time.strftime('%Y-%m-%d %H:%M')} — {machine}", "",
+             f"floor {floor_time:.3f} s (peak +{floor_mem / 2**20:.0f} MiB), plain forward {plain_time:.3f} s", "",
+             "| measurement | time (s) | ratio | target |", "|---|---|---|---|"]
+    for name, secs, ratio, target, unit in rows:
+        shown = f"{secs:.3f}" if secs is not None else ""
+        r = "" if ratio is None else f"{ratio:.2f}"
+        ok = (secs if ratio is None else ratio) <= float(target.split()[1])
+        lines.append(f"| {name} | {shown} | {r} | {target} {'met' if ok else 'NOT met'} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f: f.write(text + "\n")
+
+
+if __name__ == "__main__": main()
