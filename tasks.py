@@ -3,6 +3,7 @@
 
     python3 tasks.py run    # make the environment (once), then the main job on the shipped default
     python3 tasks.py test   # make the environment (once), then run every notebook as a test
+    python3 tasks.py docs   # make the environment (once), build the rendered docs into _site/ and check every page in headless Chromium
 
 Maintainers also have `python3 tasks.py readme` (README.md from nbs/index.ipynb, what nbdev_readme
 does where Quarto is installed) and `python3 tasks.py setup` (the environment alone).
@@ -70,6 +71,15 @@ def _test_notebooks(flags=""):
     return 0 if failed == 0 and passed > 0 else 1
 
 
+def _docs(*build_args):
+    "Build the rendered docs into _site/ (docs_tools/build_docs.py), then check every page in headless Chromium."
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    tools = ROOT / "docs_tools"
+    built = subprocess.run([str(PY), str(tools / "build_docs.py"), *build_args], cwd=ROOT, env=env).returncode
+    checked = subprocess.run([str(PY), str(tools / "check_docs.py")], cwd=ROOT, env=env).returncode
+    return built or checked
+
+
 def readme_text(index=ROOT / "nbs" / "index.ipynb") -> str:
     "README.md's text, from the landing-page notebook: markdown as is, code in fences, hidden cells left out."
     import json
@@ -89,9 +99,10 @@ def main(argv):
     if cmd == "readme":
         (ROOT / "README.md").write_text(readme_text())
         return 0
-    if cmd not in ("run", "test", "setup"): sys.exit(f"unknown command {cmd!r}: use 'run' or 'test'")
+    if cmd not in ("run", "test", "setup", "docs"): sys.exit(f"unknown command {cmd!r}: use 'run' or 'test'")
     ensure_env()
     if cmd == "setup": return 0
+    if cmd == "docs": return _docs(*argv[2:])
     if cmd == "run":
         env = dict(os.environ, MPLBACKEND=os.environ.get("MPLBACKEND", "Agg"))
         return subprocess.run([str(VENV / "bin" / "circuit_nb"), *argv[2:]], cwd=ROOT, env=env).returncode
