@@ -4,12 +4,13 @@
 
 # %% ../nbs/00a_model_adapter.ipynb #ee451c5b
 from __future__ import annotations
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch as t
 from fastcore.basics import patch
 from torch import nn
 from transformer_lens import HookedTransformer
+from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 # %% auto #0
 __all__ = ['TransformerLensAdapter']
@@ -110,3 +111,67 @@ def source_output(self: TransformerLensAdapter, module_name: str, activation: t.
         block = int(module_name.split(".")[1])
         return t.einsum("bshd,hdm->bshm", activation, self.model.blocks[block].attn.W_O)
     return activation.unsqueeze(2)
+
+# %% ../nbs/00a_model_adapter.ipynb #68cf3801
+@patch(as_prop=True)
+def projects_head_inputs(self: TransformerLensAdapter) -> bool:
+    "Whether per-head inputs can be patched after their projection: queries, keys and values read `ln1` of the block input."
+    cfg = self.cfg
+    return (cfg.positional_embedding_type != "shortformer" and not getattr(cfg, "load_in_4bit", False)
+            and cfg.original_architecture not in POST_NORM_ARCHITECTURES)
+
+@patch
+def block_in(self: TransformerLensAdapter, block): return f"blocks.{block}.hook_resid_pre"
+@patch
+def projected_head_in(self: TransformerLensAdapter, block, letter): return f"blocks.{block}.attn.hook_{letter.lower()}"
+
+@patch
+def head_in_letters(self: TransformerLensAdapter, module_name: str) -> Optional[Tuple[int, Tuple[str, ...]]]:
+    "`(block, letters)` of a per-head input hook point: the projections it feeds (`('Q',)`, or all three when shared); None otherwise."
+    parts = module_name.split(".")
+    if len(parts) != 3 or parts[0] != "blocks": return None
+    letters = {"hook_q_input": ("Q",), "hook_k_input": ("K",), "hook_v_input": ("V",), "hook_attn_in": ("Q", "K", "V")}.get(parts[2])
+    return None if letters is None else (int(parts[1]), letters)
+
+# %% ../nbs/00a_model_adapter.ipynb #aec24943
+@patch
+def normalize_head_inputs(self: TransformerLensAdapter, block, inputs: t.Tensor) -> t.Tensor:
+    "Block `block`'s `ln1` of per-head inputs `[batch, seq, head, d_model]`."
+    return self.model.blocks[block].ln1(inputs)
+
+@patch
+def project_head_inputs(self: TransformerLensAdapter, block, letter: str,
+                        normalized: t.Tensor, # [batch, seq, head, d_model], from `normalize_head_inputs`
+                        heads: Optional[t.Tensor] = None, # which heads `normalized` holds (all when None)
+                       ) -> t.Tensor:
+    "The `letter` projection (Q, K or V) of normalized per-head inputs: `[batch, seq, head, d_head]`."
+    attn = self.model.blocks[block].attn
+    W, b = getattr(attn, f"W_{letter}"), getattr(attn, f"b_{letter}")
+    if heads is not None: W, b = W[heads], b[heads]
+    return t.einsum("bshm,hmd->bshd", normalized, W) + b
+
+# %% ../nbs/00a_model_adapter.ipynb #158bffa0
+def _norm_vjp(norm: nn.Module, x: t.Tensor, u: t.Tensor) -> t.Tensor:
+    "uᵀ · ∂norm(x)/∂x, for x `[..., 1, d]` broadcast against u `[..., head, d]`."
+    kind = type(norm).__name__
+    if isinstance(norm, nn.Identity): return u
+    if kind not in ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre"):
+        with t.enable_grad():
+            inputs = x.detach().expand(u.shape).clone().requires_grad_(True)
+            return t.autograd.grad(norm(inputs), inputs, u)[0]
+    centred = kind.startswith("LayerNorm")
+    if centred: x = x - x.mean(-1, keepdim=True)
+    scale = (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+    x_hat = x / scale
+    if hasattr(norm, "w"): u = u * norm.w
+    if centred: u = u - u.mean(-1, keepdim=True)
+    return (u - x_hat * (u * x_hat).mean(-1, keepdim=True)) / scale
+
+@patch
+def head_input_vjp(self: TransformerLensAdapter, block, letter: str,
+                   resid: t.Tensor, # [batch, seq, d_model]: the input of the block, every head's input before patching
+                   grad: t.Tensor, # [batch, seq, head, d_head]: the gradient of the `letter` projection
+                  ) -> t.Tensor:
+    "The gradient with respect to each head's own input `[batch, seq, head, d_model]`, where all of them equal `resid`."
+    u = t.einsum("bshd,hmd->bshm", grad, getattr(self.model.blocks[block].attn, f"W_{letter}"))
+    return _norm_vjp(self.model.blocks[block].ln1, resid.unsqueeze(2), u)

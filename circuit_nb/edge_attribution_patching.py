@@ -4,12 +4,14 @@
 
 # %% ../nbs/04_edge_attribution_patching.ipynb #5a0d1df1
 from __future__ import annotations
+from contextlib import contextmanager
 from typing import Dict, List, Optional, Set
 
 import torch as t
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from .adapter import TransformerLensAdapter
 from .data import PromptDataLoader, batch_avg_answer_diff, batch_avg_answer_val
 from .graph import PatchableModel
 from .mask_gradients import frozen_parameters
@@ -17,7 +19,7 @@ from .progress_bars import progress
 from .types import DestNode, Edge, PruneScores, SrcNode
 
 # %% auto #0
-__all__ = ['edge_attribution_patching_prune_scores']
+__all__ = ['hook_points_exposed', 'edge_attribution_patching_prune_scores']
 
 # %% ../nbs/04_edge_attribution_patching.ipynb #9c4b9b40
 def _source_output(tl_model: HookedTransformer, node: SrcNode, activation: Tensor) -> Tensor:
@@ -47,6 +49,15 @@ def _dot_products(grad: Tensor, # [batch, seq, head, d_model] or [batch, seq, d_
     rows = grad.permute(2, 0, 1, 3).reshape(grad.shape[2], -1) if has_heads else grad.reshape(1, -1)
     per_edge = rows @ diffs.reshape(diffs.shape[0], -1).T
     return per_edge if has_heads else per_edge[0]
+
+# %% ../nbs/04_edge_attribution_patching.ipynb #cdf9de1f
+@contextmanager
+def hook_points_exposed(tl_model: HookedTransformer, hook_names):
+    "Within the block, `tl_model` computes the activations of the hook points `hook_names`, whatever its flags were."
+    adapter = TransformerLensAdapter(tl_model)
+    previous = adapter.set_flags(adapter.flags_for(hook_names))
+    try: yield
+    finally: adapter.set_flags(previous)
 
 # %% ../nbs/04_edge_attribution_patching.ipynb #d1eea589
 def edge_attribution_patching_prune_scores(model: PatchableModel, # the wrapped model (its masks are not used)
@@ -79,7 +90,7 @@ def edge_attribution_patching_prune_scores(model: PatchableModel, # the wrapped 
         with t.no_grad(), tl_model.hooks(fwd_hooks=[(name, cache_into(corrupt_cache)) for name in src_hooks]):
             model(batch.corrupt)
         fwd_hooks = [(srcs[0].module_name, start_gradients)] + [(name, cache_into(clean_cache)) for name in src_hooks]
-        with frozen_parameters(tl_model), tl_model.hooks(fwd_hooks=fwd_hooks, bwd_hooks=[(name, cache_gradient) for name in dests]):
+        with frozen_parameters(tl_model), hook_points_exposed(tl_model, dests), tl_model.hooks(fwd_hooks=fwd_hooks, bwd_hooks=[(name, cache_gradient) for name in dests]):
             logits = model(batch.clean)[model.out_slice]
             answer = batch_avg_answer_diff(logits, batch) if answer_diff else batch_avg_answer_val(logits, batch)
             (-answer).backward()

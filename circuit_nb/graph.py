@@ -6,6 +6,7 @@
 from __future__ import annotations
 import gc, weakref
 from collections import abc
+from functools import partial
 from itertools import chain, count, repeat
 from contextlib import contextmanager
 
@@ -21,9 +22,9 @@ from .types import *
 
 # %% auto #0
 __all__ = ['HARD_CONCRETE_STRETCH', 'HARD_CONCRETE_TEMPERATURE', 'OUT_SLICES', 'EdgeSet', 'graph_edges', 'PatchedInput',
-           'hard_concrete', 'PatchState', 'PatchWrapper', 'make_model_patchable', 'PatchableModel', 'patchable_model',
-           'patch_mode', 'source_outputs', 'set_all_masks', 'set_masks', 'train_mask_mode', 'mask_fn_mode',
-           'set_mask_batch_size', 'edge_counts_util', 'draw_graph']
+           'UnchangedProjection', 'hard_concrete', 'PatchState', 'PatchWrapper', 'make_model_patchable',
+           'PatchableModel', 'patchable_model', 'patch_mode', 'source_outputs', 'set_all_masks', 'set_masks',
+           'train_mask_mode', 'mask_fn_mode', 'set_mask_batch_size', 'edge_counts_util', 'draw_graph']
 
 # %% ../nbs/01_graph.ipynb #3f864b96
 def _factorized_nodes(adapter: TransformerLensAdapter, separate_qkv: bool) -> Tuple[List[SrcNode], List[DestNode]]:
@@ -172,6 +173,21 @@ class PatchedInput(t.autograd.Function):
             grad_currs = [-g.permute(1, 2, 0, 3) for g in grad_diff.split(sizes)]
         return (grad, grad_mask, grad_patch, *grad_currs)
 
+# %% ../nbs/01_graph.ipynb #0c7e039c
+class UnchangedProjection(t.autograd.Function):
+    "A head-input projection whose masks are all 0: returned as is, with the mask gradient through `input_vjp`."
+    @staticmethod
+    def forward(ctx, input_vjp, projection, mask4, patch, *currs):
+        ctx.input_vjp = input_vjp  # projection gradient [batch, seq, head, d_head] -> head input gradient [..., d_model]
+        ctx.save_for_backward(mask4, patch, *currs)
+        return projection
+
+    @staticmethod
+    def backward(ctx, grad):
+        mask4, patch, *currs = ctx.saved_tensors
+        grad_mask = _mask_grad(ctx.input_vjp(grad), mask4, patch, currs) if ctx.needs_input_grad[2] else None
+        return (None, grad, grad_mask, None, *([None] * len(currs)))
+
 # %% ../nbs/01_graph.ipynb #441efe5d
 HARD_CONCRETE_STRETCH, HARD_CONCRETE_TEMPERATURE = (-0.1, 1.1), 2 / 3
 
@@ -195,6 +211,8 @@ class PatchState:
         self.patch_src_outs: Optional[Tensor] = None  # [n_srcs, batch, seq, d_model] while patching
         self.capture: Optional[Tensor] = None  # where to copy source outputs, when asked
         self.curr: Dict[int, Tensor] = {}  # source wrapper index -> its output in this forward pass
+        self.block_inputs: Dict[int, Tensor] = {}  # block -> the residual stream entering it, in this forward pass
+        self.normalized: Dict[nn.Module, Tuple] = {}  # projected destination -> (heads, its normalized patched inputs)
         self.mask_fn: MaskFn = None
         self.dropout_p = 0.0
 
@@ -202,6 +220,12 @@ class PatchState:
     def sample_masks(self) -> bool:
         "Hard concrete masks are sampled in training mode and noise-free in eval mode."
         return self.model.training
+
+    def start_pass(self): self.curr, self.normalized = {}, {}
+    def end_pass(self): self.curr, self.normalized, self.block_inputs = {}, {}, {}
+
+    def record_block_input(self, block: int, x: Tensor):
+        if self.patch_src_outs is not None: self.block_inputs[block] = x
 
     @property
     def active(self) -> bool: return self.patch_src_outs is not None or self.capture is not None
@@ -213,9 +237,11 @@ class PatchWrapper(nn.Module):
                  src_range: Optional[Tuple[int, int]] = None, # the src_idx range this activation holds, if a source
                  dest: Optional[DestNode] = None, # one of the destinations it carries, if a destination
                  n_heads: Optional[int] = None, # heads of the activation's head axis, None if it has none
+                 projected: Optional[Tuple[int, Tuple[str, ...]]] = None, # (block, letters) of a head input patched after its projections
                  device=None, dtype=None):
         super().__init__()
         self.module_name, self.state, self.src_range, self.n_heads = module_name, state, src_range, n_heads
+        self.projected = projected
         self.is_first_src = src_range is not None and src_range[0] == 0
         self.is_dest, self.is_last_dest = dest is not None, False
         self.in_srcs = (dest.min_src_idx, dest.max_src_idx) if dest else None
@@ -234,11 +260,17 @@ def forward(self: PatchWrapper, x: Tensor) -> Optional[Tensor]:
 
     state = self.state
     if not state.active: return None
-    if self.is_first_src: state.curr = {}
+    if self.is_first_src: state.start_pass()
     if self.is_dest and state.patch_src_outs is not None: x = _patch(self, x)
     if self.src_range is not None: _record(self, x)
-    if self.is_last_dest: state.curr = {}
+    if self.is_last_dest: state.end_pass()
     return x
+
+@patch
+def forward_projected(self: PatchWrapper, letter: str, projection: Tensor) -> Optional[Tensor]:
+    "The hook on a projection (Q, K or V) of this destination's head inputs: patch it in patch mode."
+    if self.state.patch_src_outs is None: return None
+    return _patch_projected(self, letter, projection)
 
 def _record(self: PatchWrapper, x: Tensor):
     out = self.state.adapter.source_output(self.module_name, x)  # [batch, seq, n, d_model]
@@ -261,7 +293,8 @@ def _effective_mask(self: PatchWrapper, batch_size: int) -> Tensor:
     if state.seq_len is None: mask = mask.unsqueeze(-3)
     return mask if batched else mask.unsqueeze(0)
 
-def _patch(self: PatchWrapper, x: Tensor) -> Tensor:
+def _patch_operands(self: PatchWrapper, x: Tensor) -> Tuple[Tensor, Tensor, List[Tensor]]:
+    "The effective masks, ablation values and current source outputs for patching input `x` `[batch, seq, ..., d_model]`."
     state = self.state
     patch = state.patch_src_outs[slice(*self.in_srcs)]
     if patch.shape[1:] != (x.shape[0], x.shape[1], x.shape[-1]):
@@ -274,9 +307,35 @@ def _patch(self: PatchWrapper, x: Tensor) -> Tensor:
     mask4 = _effective_mask(self, x.shape[0])
     if mask4.shape[0] not in (1, x.shape[0]):
         raise ValueError(f"masks are set for batches of {mask4.shape[0]} prompts but the input has {x.shape[0]}")
+    return mask4.to(x.dtype), patch.to(x.dtype), [state.curr[i] for i in self.in_wrappers]
+
+def _patch(self: PatchWrapper, x: Tensor) -> Tensor:
+    mask4, patch, currs = _patch_operands(self, x)
     x4 = x if self.n_heads else x.unsqueeze(2)
-    y = PatchedInput.apply(x4, mask4.to(x.dtype), patch.to(x.dtype), *(state.curr[i] for i in self.in_wrappers))
+    y = PatchedInput.apply(x4, mask4, patch, *currs)
     return y if self.n_heads else y.squeeze(2)
+
+# %% ../nbs/01_graph.ipynb #40ef3111
+def _changed_heads(mask4: Tensor) -> Optional[Tensor]:
+    "The heads with a non-zero mask, or None when that is all of them."
+    changed = mask4.ne(0).flatten(0, 1).any(0).any(-1)
+    return None if bool(changed.all()) else changed.nonzero().squeeze(1)
+
+def _patch_projected(self: PatchWrapper, letter: str, projection: Tensor) -> Tensor:
+    state, adapter = self.state, self.state.adapter
+    block = self.projected[0]
+    x = state.block_inputs[block]  # [batch, seq, d_model]: every head's input before patching
+    mask4, patch, currs = _patch_operands(self, x)
+    if not mask4.any():
+        if not mask4.requires_grad: return projection
+        return UnchangedProjection.apply(partial(adapter.head_input_vjp, block, letter, x), projection, mask4, patch, *currs)
+    if self not in state.normalized:  # a shared input feeds Q, K and V: patch and normalize it once
+        heads = None if mask4.requires_grad else _changed_heads(mask4)
+        inputs = PatchedInput.apply(x.unsqueeze(2), mask4 if heads is None else mask4.index_select(2, heads), patch, *currs)
+        state.normalized[self] = heads, adapter.normalize_head_inputs(block, inputs)
+    heads, normalized = state.normalized[self]
+    new = adapter.project_head_inputs(block, letter, normalized, heads)
+    return new if heads is None else projection.index_copy(2, heads, new)
 
 # %% ../nbs/01_graph.ipynb #60faf91a
 class _Patching:
@@ -313,15 +372,22 @@ def make_model_patchable(model: HookedTransformer, # the model to wrap, in place
     state = PatchState(len(src_nodes), seq_len, adapter)
     heads = lambda name: adapter.n_heads if any(n.head_idx is not None for n in nodes if n.module_name == name) else None
     module_names = sorted(set(src_ranges) | set(dest_of), key=lambda m: (_first_use(m, src_ranges, dest_of)))
-    wrappers = [PatchWrapper(m, state, tuple(src_ranges[m]) if m in src_ranges else None, dest_of.get(m), heads(m), device, model.cfg.dtype)
+    projected = {m: adapter.head_in_letters(m) for m in dest_of} if adapter.projects_head_inputs else {}
+    projected = {m: p for m, p in projected.items() if p is not None}
+    wrappers = [PatchWrapper(m, state, tuple(src_ranges[m]) if m in src_ranges else None, dest_of.get(m), heads(m),
+                             projected.get(m), device, model.cfg.dtype)
                 for m in module_names]
     src_wrappers = [w for w in wrappers if w.src_range is not None]
     for i, w in enumerate(src_wrappers): w.src_position = i
     for w in wrappers:
         if w.is_dest: w.in_wrappers = [s.src_position for s in src_wrappers if w.in_srcs[0] <= s.src_range[0] < w.in_srcs[1]]
     [w for w in wrappers if w.is_dest][-1].is_last_dest = True
-    saved_flags = adapter.set_flags(adapter.flags_for(module_names))
-    handles = [adapter.add_hook(w.module_name, w.forward) for w in wrappers]
+    saved_flags = adapter.set_flags(adapter.flags_for([m for m in module_names if m not in projected]))
+    handles = [adapter.add_hook(w.module_name, w.forward) for w in wrappers if not w.projected]
+    handles += [adapter.add_hook(adapter.projected_head_in(w.projected[0], letter), partial(w.forward_projected, letter))
+                for w in wrappers if w.projected for letter in w.projected[1]]
+    handles += [adapter.add_hook(adapter.block_in(b), partial(state.record_block_input, b))
+                for b in sorted({p[0] for p in projected.values()})]
     return _Patching(wrappers, state, handles, saved_flags, adapter)
 
 def _first_use(module_name, src_ranges, dest_of):
