@@ -90,9 +90,10 @@ def hook_point(self: TransformerLensAdapter, name: str) -> nn.Module:
 
 @patch
 def add_hook(self: TransformerLensAdapter, name: str, # hook point name
-             fn: Callable): # called as fn(activation) -> new activation or None
+             fn: Callable, # called as fn(activation) -> new activation or None
+             first: bool = True): # run before the hooks already there (or after them)
     "Call `fn` on the activation at hook point `name` in every forward pass; return a removable handle."
-    return self.hook_point(name).register_forward_hook(lambda module, inputs, output: fn(output), prepend=True)
+    return self.hook_point(name).register_forward_hook(lambda module, inputs, output: fn(output), prepend=first)
 
 @patch
 def run(self: TransformerLensAdapter, tokens, *args, kv_cache=None, **kwargs):
@@ -106,11 +107,11 @@ def run(self: TransformerLensAdapter, tokens, *args, kv_cache=None, **kwargs):
 # %% ../nbs/00a_model_adapter.ipynb #49bcbd31
 @patch
 def source_output(self: TransformerLensAdapter, module_name: str, activation: t.Tensor) -> t.Tensor:
-    "What the sources at hook point `module_name` write into the residual stream, `[batch, seq, n, d_model]`."
+    "What the sources at hook point `module_name` write into the residual stream, `[n, batch, seq, d_model]`."
     if module_name.endswith("attn.hook_z"):
         block = int(module_name.split(".")[1])
-        return t.einsum("bshd,hdm->bshm", activation, self.model.blocks[block].attn.W_O)
-    return activation.unsqueeze(2)
+        return t.einsum("bshd,hdm->hbsm", activation, self.model.blocks[block].attn.W_O)
+    return activation.unsqueeze(0)
 
 # %% ../nbs/00a_model_adapter.ipynb #68cf3801
 @patch(as_prop=True)
@@ -134,25 +135,35 @@ def head_in_letters(self: TransformerLensAdapter, module_name: str) -> Optional[
     return None if letters is None else (int(parts[1]), letters)
 
 # %% ../nbs/00a_model_adapter.ipynb #aec24943
+_FUSED_NORMS = {"LayerNorm": t.nn.functional.layer_norm, "LayerNormPre": t.nn.functional.layer_norm,
+                "RMSNorm": t.nn.functional.rms_norm, "RMSNormPre": t.nn.functional.rms_norm}
+
 @patch
-def normalize_head_inputs(self: TransformerLensAdapter, block, inputs: t.Tensor) -> t.Tensor:
-    "Block `block`'s `ln1` of per-head inputs `[batch, seq, head, d_model]`."
-    return self.model.blocks[block].ln1(inputs)
+def normalize_head_inputs(self: TransformerLensAdapter, block,
+                          inputs: t.Tensor, # [..., head, batch, seq, d_model]: each head's input
+                         ) -> t.Tensor:
+    "Block `block`'s `ln1` of per-head inputs, with PyTorch's fused kernels where TransformerLens' norm has one."
+    norm = self.model.blocks[block].ln1
+    fused = _FUSED_NORMS.get(type(norm).__name__)
+    if fused is None: return norm(inputs)
+    weights = [norm.w] if hasattr(norm, "w") else []
+    if fused is t.nn.functional.layer_norm: weights += [norm.b] if hasattr(norm, "b") else []
+    return fused(inputs, (inputs.shape[-1],), *weights, eps=norm.eps)
 
 @patch
 def project_head_inputs(self: TransformerLensAdapter, block, letter: str,
-                        normalized: t.Tensor, # [batch, seq, head, d_model], from `normalize_head_inputs`
+                        normalized: t.Tensor, # [..., head, batch, seq, d_model], from `normalize_head_inputs`
                         heads: Optional[t.Tensor] = None, # which heads `normalized` holds (all when None)
                        ) -> t.Tensor:
-    "The `letter` projection (Q, K or V) of normalized per-head inputs: `[batch, seq, head, d_head]`."
+    "The `letter` projection (Q, K or V) of normalized per-head inputs: `[..., head, batch, seq, d_head]`."
     attn = self.model.blocks[block].attn
     W, b = getattr(attn, f"W_{letter}"), getattr(attn, f"b_{letter}")
     if heads is not None: W, b = W[heads], b[heads]
-    return t.einsum("bshm,hmd->bshd", normalized, W) + b
+    return (normalized.flatten(-3, -2) @ W).unflatten(-2, normalized.shape[-3:-1]) + b[:, None, None]
 
 # %% ../nbs/00a_model_adapter.ipynb #158bffa0
 def _norm_vjp(norm: nn.Module, x: t.Tensor, u: t.Tensor) -> t.Tensor:
-    "uᵀ · ∂norm(x)/∂x, for x `[..., 1, d]` broadcast against u `[..., head, d]`."
+    "uᵀ · ∂norm(x)/∂x, for x broadcast against u `[head, ..., d]`."
     kind = type(norm).__name__
     if isinstance(norm, nn.Identity): return u
     if kind not in ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre"):
@@ -172,6 +183,6 @@ def head_input_vjp(self: TransformerLensAdapter, block, letter: str,
                    resid: t.Tensor, # [batch, seq, d_model]: the input of the block, every head's input before patching
                    grad: t.Tensor, # [batch, seq, head, d_head]: the gradient of the `letter` projection
                   ) -> t.Tensor:
-    "The gradient with respect to each head's own input `[batch, seq, head, d_model]`, where all of them equal `resid`."
-    u = t.einsum("bshd,hmd->bshm", grad, getattr(self.model.blocks[block].attn, f"W_{letter}"))
-    return _norm_vjp(self.model.blocks[block].ln1, resid.unsqueeze(2), u)
+    "The gradient with respect to each head's own input `[head, batch, seq, d_model]`, where all of them equal `resid`."
+    u = t.einsum("bshd,hmd->hbsm", grad, getattr(self.model.blocks[block].attn, f"W_{letter}"))
+    return _norm_vjp(self.model.blocks[block].ln1, resid, u)

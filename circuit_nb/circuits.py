@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .data import (BatchKey, PromptDataLoader, batch_answer_diffs, batch_avg_answer_val, batch_src_ablations,
                              correct_answer_proportion, multibatch_kl_div)
-from .graph import PatchableModel, draw_graph, patch_mode, set_mask_batch_size
+from .graph import PatchableModel, draw_graph, out_slice_only, patch_mode, set_mask_batch_size
 from .progress_bars import progress
 from .types import *
 
@@ -59,13 +59,13 @@ def circuit_edges(model: PatchableModel, prune_scores: PruneScores, k: int) -> s
     return {e for e in model.edges if e.prune_score(ranks) < k}
 
 # %% ../nbs/08_circuits.ipynb #8b311bb5
-def _circuit_masks(ranks: PruneScores, counts: Tensor, batch_size: int, patch_type: PatchType, dtype) -> PruneScores:
-    "Per-prompt masks for `counts` circuits, each repeated for `batch_size` prompts: `[len(counts)·batch, *mask_shape]`."
+def _circuit_masks(ranks: PruneScores, counts: Tensor, patch_type: PatchType, dtype) -> PruneScores:
+    "Masks for the circuits of sizes `counts`, one per circuit: `[len(counts), *mask_shape]`."
     masks = {}
     for name, r in ranks.items():
         in_circuit = r.unsqueeze(0) < counts.view(-1, *([1] * r.ndim))
         patched = ~in_circuit if patch_type == PatchType.EDGE_PATCH else in_circuit
-        masks[name] = patched.to(dtype).repeat_interleave(batch_size, dim=0)
+        masks[name] = patched.to(dtype)
     return masks
 
 # %% ../nbs/08_circuits.ipynb #8e23b731
@@ -95,9 +95,9 @@ def run_circuits(model: PatchableModel, # the wrapped model
             b = tokens.shape[0]
             for chunk in chunks:
                 m = len(chunk)
-                patch = ablations[batch.key].repeat(1, m, 1, 1)
-                masks = _circuit_masks(ranks, t.tensor(chunk), b, patch_type, model.cfg.dtype)
-                with set_mask_batch_size(model, m * b), patch_mode(model, patch):
+                masks = _circuit_masks(ranks, t.tensor(chunk), patch_type, model.cfg.dtype)
+                # one group of masks per circuit, over the prompts repeated once per circuit: the ablation values are shared
+                with set_mask_batch_size(model, m), patch_mode(model, ablations[batch.key]), out_slice_only(model):
                     for name, mask in model.patch_masks.items(): mask.copy_(masks[name])
                     out = model(tokens.repeat(m, 1))[model.out_slice]
                 for j, c in enumerate(chunk): outs[c][batch.key] = out[j * b:(j + 1) * b]

@@ -21,10 +21,10 @@ from .adapter import TransformerLensAdapter
 from .types import *
 
 # %% auto #0
-__all__ = ['HARD_CONCRETE_STRETCH', 'HARD_CONCRETE_TEMPERATURE', 'OUT_SLICES', 'EdgeSet', 'graph_edges', 'PatchedInput',
-           'UnchangedProjection', 'hard_concrete', 'PatchState', 'PatchWrapper', 'make_model_patchable',
-           'PatchableModel', 'patchable_model', 'patch_mode', 'source_outputs', 'set_all_masks', 'set_masks',
-           'train_mask_mode', 'mask_fn_mode', 'set_mask_batch_size', 'edge_counts_util', 'draw_graph']
+__all__ = ['HARD_CONCRETE_STRETCH', 'HARD_CONCRETE_TEMPERATURE', 'OUT_SLICES', 'EdgeSet', 'graph_edges', 'UnchangedInput',
+           'hard_concrete', 'PatchState', 'PatchWrapper', 'make_model_patchable', 'PatchableModel', 'patchable_model',
+           'patch_mode', 'source_outputs', 'set_all_masks', 'set_masks', 'train_mask_mode', 'mask_fn_mode',
+           'set_mask_batch_size', 'out_slice_only', 'edge_counts_util', 'draw_graph']
 
 # %% ../nbs/01_graph.ipynb #3f864b96
 def _factorized_nodes(adapter: TransformerLensAdapter, separate_qkv: bool) -> Tuple[List[SrcNode], List[DestNode]]:
@@ -121,71 +121,51 @@ def graph_edges(model: HookedTransformer, # the model whose graph to build
     return src_set | dest_set, src_set, dest_set, edge_dict, EdgeSet(edge_dict, dest_set, src_set), 1, seq_len
 
 # %% ../nbs/01_graph.ipynb #67f46492
-def _mask_letters(mask4: Tensor) -> str:
-    "Einsum letters of a `[batch|1, seq|1, head, src]` mask, leaving out the axes of size 1."
-    return ("b" if mask4.shape[0] > 1 else "") + ("s" if mask4.shape[1] > 1 else "") + "hk"
+def _differences(patch: Tensor, # [src, batch or batch/groups, seq, d_model]: the ablation values
+                 currs: Sequence[Tensor], # [n, batch, seq, d_model] per source hook, in src order
+                 groups: int, # how many groups of consecutive prompts have their own masks
+                ) -> Tensor:
+    "patch − curr for every source, `[src, groups, prompts per group, seq, d_model]`."
+    curr = currs[0] if len(currs) == 1 else t.cat(currs)
+    per_group = curr.shape[1] // groups
+    return patch.reshape(patch.shape[0], -1, per_group, *patch.shape[2:]) - curr.view(curr.shape[0], groups, per_group, *curr.shape[2:])
 
-def _squeeze_leading(mask4: Tensor) -> Tensor:
-    return mask4.reshape([n for i, n in enumerate(mask4.shape) if i >= 2 or n > 1])
+def _masked_sum(mask4: Tensor, # [groups, seq|1, head, src]
+                diffs: Tensor, # [src, groups, prompts per group, seq, d_model], from `_differences`
+               ) -> Tensor:
+    "Σ_src mask · (patch − curr), `[groups, head, prompts per group, seq, d_model]`: one matrix product per group."
+    groups, seq, heads, srcs = mask4.shape
+    if seq > 1: return t.einsum("Gshk,kGgsm->Ghgsm", mask4, diffs)
+    if groups == 1: return (mask4.reshape(heads, srcs) @ diffs.reshape(srcs, -1)).view(1, heads, *diffs.shape[2:])
+    per_group = diffs.reshape(srcs, groups, -1).transpose(0, 1)
+    return t.bmm(mask4.reshape(groups, heads, srcs), per_group).view(groups, heads, *diffs.shape[2:])
 
-def _differences(patch: Tensor, currs: Sequence[Tensor]) -> Tensor:
-    "`patch - curr` as `[src, batch, seq, d_model]`, from per-hook currents shaped `[batch, seq, n, d_model]`."
-    return patch - t.cat([c.permute(2, 0, 1, 3) for c in currs])
+# %% ../nbs/01_graph.ipynb #0db6d9e6
+def _zero_mask_grad(grad: Tensor, # [head, batch, seq, d_model]: the gradient at each head's patched input
+                    mask4: Tensor, patch: Tensor, currs: Sequence[Tensor]) -> Tensor:
+    "Σ over prompts, positions and d_model of `grad · (patch − curr)`: the gradient of masks at 0, shaped like `mask4`."
+    groups, seq, heads, srcs = mask4.shape
+    if groups == 1 and seq == 1:
+        rows = grad.reshape(heads, -1)
+        from_patch = rows @ patch.reshape(srcs, -1).T
+        from_currs = t.cat([rows @ c.reshape(c.shape[0], -1).T for c in currs], dim=1)
+        return (from_patch - from_currs).view(mask4.shape)
+    grouped = grad.reshape(heads, groups, -1, *grad.shape[2:])
+    out = "Gshk" if seq > 1 else "Ghk"
+    return t.einsum(f"hGgsm,kGgsm->{out}", grouped, _differences(patch, currs, groups)).reshape(mask4.shape)
 
-def _masked_sum(mask4: Tensor, patch: Tensor, currs: Sequence[Tensor]) -> Tensor:
-    "Σ_src mask · (patch − curr) as `[batch, seq, head, d_model]`: a product with the ablation values minus one per source hook."
-    letters, mask = _mask_letters(mask4), _squeeze_leading(mask4)
-    total = t.einsum(f"{letters},kbsd->bshd", mask, patch)
-    for piece, curr in zip(mask.split([c.shape[2] for c in currs], dim=-1), currs):
-        total = total - t.einsum(f"{letters},bskd->bshd", piece, curr)
-    return total
-
-def _mask_grad(grad: Tensor, mask4: Tensor, patch: Tensor, currs: Sequence[Tensor]) -> Tensor:
-    "Σ over batch, seq, d_model of `grad · (patch − curr)`, shaped like `mask4`."
-    letters = _mask_letters(mask4)
-    if letters != "hk":  # per-prompt or per-position masks keep those axes
-        return t.einsum(f"bshd,kbsd->{letters}", grad, _differences(patch, currs)).reshape(mask4.shape)
-    # shared masks: two matrix products against the gradient's rows, never forming patch − curr
-    rows = grad.permute(2, 0, 1, 3).reshape(grad.shape[2], -1)  # [head, batch·seq·d_model]
-    from_patch = rows @ patch.reshape(patch.shape[0], -1).T
-    from_currs = t.cat([rows @ c.permute(2, 0, 1, 3).reshape(c.shape[2], -1).T for c in currs], dim=1)
-    return (from_patch - from_currs).reshape(mask4.shape)
-
-class PatchedInput(t.autograd.Function):
-    "A destination's input with its edges patched: `x + Σ_src mask[..., src] · (patch[src] − curr[src])`."
+class UnchangedInput(t.autograd.Function):
+    "A destination whose masks are all 0: its activation returned as is, with the mask gradient through `input_vjp`."
     @staticmethod
-    def forward(ctx, x, mask4, patch, *currs):
+    def forward(ctx, input_vjp, activation, mask4, patch, *currs):
+        ctx.input_vjp = input_vjp  # activation gradient -> gradient at each head's input [head, batch, seq, d_model]
         ctx.save_for_backward(mask4, patch, *currs)
-        if not mask4.any(): return x
-        return x + _masked_sum(mask4, patch, currs)
+        return activation
 
     @staticmethod
     def backward(ctx, grad):
         mask4, patch, *currs = ctx.saved_tensors
-        letters, need = _mask_letters(mask4), ctx.needs_input_grad
-        grad_mask = grad_patch = None
-        grad_currs = [None] * len(currs)
-        if need[1]: grad_mask = _mask_grad(grad, mask4, patch, currs)
-        if (need[2] or any(need[3:])) and mask4.any():
-            grad_diff = t.einsum(f"{letters},bshd->kbsd", _squeeze_leading(mask4), grad)
-            if need[2]: grad_patch = grad_diff
-            sizes = [c.shape[2] for c in currs]
-            grad_currs = [-g.permute(1, 2, 0, 3) for g in grad_diff.split(sizes)]
-        return (grad, grad_mask, grad_patch, *grad_currs)
-
-# %% ../nbs/01_graph.ipynb #0c7e039c
-class UnchangedProjection(t.autograd.Function):
-    "A head-input projection whose masks are all 0: returned as is, with the mask gradient through `input_vjp`."
-    @staticmethod
-    def forward(ctx, input_vjp, projection, mask4, patch, *currs):
-        ctx.input_vjp = input_vjp  # projection gradient [batch, seq, head, d_head] -> head input gradient [..., d_model]
-        ctx.save_for_backward(mask4, patch, *currs)
-        return projection
-
-    @staticmethod
-    def backward(ctx, grad):
-        mask4, patch, *currs = ctx.saved_tensors
-        grad_mask = _mask_grad(ctx.input_vjp(grad), mask4, patch, currs) if ctx.needs_input_grad[2] else None
+        grad_mask = _zero_mask_grad(ctx.input_vjp(grad), mask4, patch, currs) if ctx.needs_input_grad[2] else None
         return (None, grad, grad_mask, None, *([None] * len(currs)))
 
 # %% ../nbs/01_graph.ipynb #441efe5d
@@ -212,6 +192,7 @@ class PatchState:
         self.capture: Optional[Tensor] = None  # where to copy source outputs, when asked
         self.curr: Dict[int, Tensor] = {}  # source wrapper index -> its output in this forward pass
         self.block_inputs: Dict[int, Tensor] = {}  # block -> the residual stream entering it, in this forward pass
+        self.differences: Dict[Tuple[int, int, int], Tensor] = {}  # (first src, end src, groups) -> patch − curr
         self.normalized: Dict[nn.Module, Tuple] = {}  # projected destination -> (heads, its normalized patched inputs)
         self.mask_fn: MaskFn = None
         self.dropout_p = 0.0
@@ -221,8 +202,8 @@ class PatchState:
         "Hard concrete masks are sampled in training mode and noise-free in eval mode."
         return self.model.training
 
-    def start_pass(self): self.curr, self.normalized = {}, {}
-    def end_pass(self): self.curr, self.normalized, self.block_inputs = {}, {}, {}
+    def start_pass(self): self.curr, self.differences, self.normalized = {}, {}, {}
+    def end_pass(self): self.curr, self.differences, self.normalized, self.block_inputs = {}, {}, {}, {}
 
     def record_block_input(self, block: int, x: Tensor):
         if self.patch_src_outs is not None: self.block_inputs[block] = x
@@ -273,10 +254,10 @@ def forward_projected(self: PatchWrapper, letter: str, projection: Tensor) -> Op
     return _patch_projected(self, letter, projection)
 
 def _record(self: PatchWrapper, x: Tensor):
-    out = self.state.adapter.source_output(self.module_name, x)  # [batch, seq, n, d_model]
+    out = self.state.adapter.source_output(self.module_name, x)  # [n, batch, seq, d_model]
     self.state.curr[self.src_position] = out
     if self.state.capture is not None:
-        self.state.capture[slice(*self.src_range)] = out.detach().permute(2, 0, 1, 3)
+        self.state.capture[slice(*self.src_range)] = out.detach()
 
 # %% ../nbs/01_graph.ipynb #4887be37
 def _effective_mask(self: PatchWrapper, batch_size: int) -> Tensor:
@@ -296,24 +277,35 @@ def _effective_mask(self: PatchWrapper, batch_size: int) -> Tensor:
 def _patch_operands(self: PatchWrapper, x: Tensor) -> Tuple[Tensor, Tensor, List[Tensor]]:
     "The effective masks, ablation values and current source outputs for patching input `x` `[batch, seq, ..., d_model]`."
     state = self.state
+    batch, seq, width = x.shape[0], x.shape[1], x.shape[-1]
+    if state.seq_len is not None and seq != state.seq_len:
+        raise ValueError(f"the model was wrapped with seq_len={state.seq_len} but the input has {seq} positions")
+    mask4 = _effective_mask(self, batch)
+    groups = mask4.shape[0]
+    if batch % groups: raise ValueError(f"masks are set for batches of {groups} prompts but the input has {batch}")
     patch = state.patch_src_outs[slice(*self.in_srcs)]
-    if patch.shape[1:] != (x.shape[0], x.shape[1], x.shape[-1]):
+    if patch.shape[2:] != (seq, width) or patch.shape[1] not in (batch, batch // groups):
         raise ValueError(f"patch_src_outs is shaped {tuple(state.patch_src_outs.shape)} but {self.module_name} has "
-                         f"batch {x.shape[0]}, seq {x.shape[1]}, d_model {x.shape[-1]}")
-    if state.seq_len is not None and x.shape[1] != state.seq_len:
-        raise ValueError(f"the model was wrapped with seq_len={state.seq_len} but the input has {x.shape[1]} positions")
+                         f"batch {batch}, seq {seq}, d_model {width}")
     missing = [i for i in self.in_wrappers if i not in state.curr]
     if missing: raise RuntimeError(f"{self.module_name} is patched but some of its sources did not run in this forward pass")
-    mask4 = _effective_mask(self, x.shape[0])
-    if mask4.shape[0] not in (1, x.shape[0]):
-        raise ValueError(f"masks are set for batches of {mask4.shape[0]} prompts but the input has {x.shape[0]}")
     return mask4.to(x.dtype), patch.to(x.dtype), [state.curr[i] for i in self.in_wrappers]
+
+def _shared_differences(self: PatchWrapper, patch: Tensor, currs: List[Tensor], groups: int) -> Tensor:
+    "patch − curr for this destination's sources, formed once per forward pass for all destinations that read them."
+    key = (*self.in_srcs, groups)
+    if key not in self.state.differences: self.state.differences[key] = _differences(patch, currs, groups)
+    return self.state.differences[key]
 
 def _patch(self: PatchWrapper, x: Tensor) -> Tensor:
     mask4, patch, currs = _patch_operands(self, x)
-    x4 = x if self.n_heads else x.unsqueeze(2)
-    y = PatchedInput.apply(x4, mask4, patch, *currs)
-    return y if self.n_heads else y.squeeze(2)
+    if not mask4.any():
+        if not mask4.requires_grad: return x
+        heads_first = (lambda g: g.permute(2, 0, 1, 3)) if self.n_heads else (lambda g: g.unsqueeze(0))
+        return UnchangedInput.apply(heads_first, x, mask4, patch, *currs)
+    delta = _masked_sum(mask4, _shared_differences(self, patch, currs, mask4.shape[0]))  # [groups, head, per group, seq, d_model]
+    if self.n_heads: delta = delta.permute(0, 2, 3, 1, 4)
+    return x + delta.reshape(x.shape)
 
 # %% ../nbs/01_graph.ipynb #40ef3111
 def _changed_heads(mask4: Tensor) -> Optional[Tensor]:
@@ -328,13 +320,16 @@ def _patch_projected(self: PatchWrapper, letter: str, projection: Tensor) -> Ten
     mask4, patch, currs = _patch_operands(self, x)
     if not mask4.any():
         if not mask4.requires_grad: return projection
-        return UnchangedProjection.apply(partial(adapter.head_input_vjp, block, letter, x), projection, mask4, patch, *currs)
+        return UnchangedInput.apply(partial(adapter.head_input_vjp, block, letter, x), projection, mask4, patch, *currs)
+    groups = mask4.shape[0]
     if self not in state.normalized:  # a shared input feeds Q, K and V: patch and normalize it once
         heads = None if mask4.requires_grad else _changed_heads(mask4)
-        inputs = PatchedInput.apply(x.unsqueeze(2), mask4 if heads is None else mask4.index_select(2, heads), patch, *currs)
+        delta = _masked_sum(mask4 if heads is None else mask4.index_select(2, heads), _shared_differences(self, patch, currs, groups))
+        inputs = delta + x.view(groups, 1, -1, *x.shape[1:])  # [groups, head, per group, seq, d_model]
         state.normalized[self] = heads, adapter.normalize_head_inputs(block, inputs)
     heads, normalized = state.normalized[self]
-    new = adapter.project_head_inputs(block, letter, normalized, heads)
+    new = adapter.project_head_inputs(block, letter, normalized, heads)  # [groups, head, per group, seq, d_head]
+    new = new.permute(0, 2, 3, 1, 4).reshape(*projection.shape[:2], -1, projection.shape[-1])
     return new if heads is None else projection.index_copy(2, heads, new)
 
 # %% ../nbs/01_graph.ipynb #60faf91a
@@ -580,7 +575,7 @@ def mask_fn_mode(model: PatchableModel, mask_fn: MaskFn, dropout_p: float = 0.0)
 
 @contextmanager
 def set_mask_batch_size(model: PatchableModel, batch_size: Optional[int]):
-    "Give each of `batch_size` prompts its own masks (None: shared masks, no change)."
+    "Give each of `batch_size` prompts its own masks (None: shared masks, no change); a batch `k` times larger gives each group of `k` consecutive prompts its own."
     if batch_size is None: yield; return
     if not isinstance(batch_size, int) or batch_size < 1: raise ValueError(f"batch_size must be a positive int, not {batch_size!r}")
     wrappers = model.dest_wrappers
@@ -592,6 +587,16 @@ def set_mask_batch_size(model: PatchableModel, batch_size: Optional[int]):
         yield
     finally:
         for w, m in zip(wrappers, saved): w.patch_mask = m
+
+# %% ../nbs/01_graph.ipynb #d246eee8
+@contextmanager
+def out_slice_only(model: PatchableModel):
+    "Within the block the model unembeds only the positions `model.out_slice` reads, when that saves work; `model(x)[model.out_slice]` is unchanged."
+    if model.out_slice != OUT_SLICES["last_seq"]: yield; return
+    adapter = model.patch_state.adapter
+    handle = adapter.add_hook(adapter.resid_end, lambda resid: resid[:, -1:], first=False)
+    try: yield
+    finally: handle.remove()
 
 # %% ../nbs/01_graph.ipynb #308355ef
 def _score_groups(prune_scores: PruneScores) -> List[int]:

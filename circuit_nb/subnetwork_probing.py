@@ -16,7 +16,7 @@ from torch.nn.functional import log_softmax
 from .data import (BatchKey, PromptDataLoader, PromptPairBatch, answer_means, batch_answer_diff_percents,
                              batch_avg_answer_val, batch_src_ablations, correct_answer_proportion, multibatch_kl_div)
 from .graph import (HARD_CONCRETE_STRETCH, HARD_CONCRETE_TEMPERATURE, PatchableModel, draw_graph,
-                              mask_fn_mode, patch_mode, set_all_masks, train_mask_mode)
+                              mask_fn_mode, out_slice_only, patch_mode, set_all_masks, train_mask_mode)
 from .progress_bars import progress
 from .types import AblationType, Edge, MaskFn, PruneScores, check_option
 
@@ -197,7 +197,7 @@ def train_subnetwork_probe(model: PatchableModel, # the wrapped model (see `patc
     val_refs = None if validation_dataloader is None else _reference_outputs(model, validation_dataloader, tree_optimisation, "validation")
     history = {k: [] for k in ("loss", "faithfulness", "regularisation", "avoid_penalty", "expected_circuit_size", "validation_faithfulness")}
     in_circuit = lambda mask: circuit_probabilities(mask, mask_fn, tree_optimisation)
-    with _borrowed(model), train_mask_mode(model) as masks, mask_fn_mode(model, mask_fn, dropout_p):
+    with _borrowed(model), train_mask_mode(model) as masks, mask_fn_mode(model, mask_fn, dropout_p), out_slice_only(model):
         set_all_masks(model, _initial_mask(init_val, mask_fn, tree_optimisation))
         optim = t.optim.Adam(masks.values(), lr=learning_rate)
         model.train()
