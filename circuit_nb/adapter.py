@@ -106,12 +106,18 @@ def run(self: TransformerLensAdapter, tokens, *args, kv_cache=None, **kwargs):
 
 # %% ../nbs/00a_model_adapter.ipynb #49bcbd31
 @patch
-def source_output(self: TransformerLensAdapter, module_name: str, activation: t.Tensor) -> t.Tensor:
+def source_output(self: TransformerLensAdapter, module_name: str, activation: t.Tensor,
+                  out: Optional[t.Tensor] = None, # `[n, batch, seq, d_model]` to write into (no autograd), or None
+                 ) -> t.Tensor:
     "What the sources at hook point `module_name` write into the residual stream, `[n, batch, seq, d_model]`."
     if module_name.endswith("attn.hook_z"):
-        block = int(module_name.split(".")[1])
-        return t.einsum("bshd,hdm->hbsm", activation, self.model.blocks[block].attn.W_O)
-    return activation.unsqueeze(0)
+        W_O = self.model.blocks[int(module_name.split(".")[1])].attn.W_O  # [head, d_head, d_model]
+        z = activation.permute(2, 0, 1, 3).reshape(W_O.shape[0], -1, W_O.shape[1])  # [head, batch·seq, d_head]
+        heads_out = t.bmm(z, W_O, out=None if out is None else out.view(W_O.shape[0], -1, W_O.shape[2]))
+        return heads_out.view(W_O.shape[0], *activation.shape[:2], W_O.shape[2])
+    if out is None: return activation.unsqueeze(0)
+    out[0].copy_(activation)
+    return out
 
 # %% ../nbs/00a_model_adapter.ipynb #68cf3801
 @patch(as_prop=True)

@@ -21,10 +21,10 @@ from .adapter import TransformerLensAdapter
 from .types import *
 
 # %% auto #0
-__all__ = ['HARD_CONCRETE_STRETCH', 'HARD_CONCRETE_TEMPERATURE', 'OUT_SLICES', 'EdgeSet', 'graph_edges', 'UnchangedInput',
-           'hard_concrete', 'PatchState', 'PatchWrapper', 'make_model_patchable', 'PatchableModel', 'patchable_model',
-           'patch_mode', 'source_outputs', 'set_all_masks', 'set_masks', 'train_mask_mode', 'mask_fn_mode',
-           'set_mask_batch_size', 'out_slice_only', 'edge_counts_util', 'draw_graph']
+__all__ = ['HARD_CONCRETE_STRETCH', 'HARD_CONCRETE_TEMPERATURE', 'OUT_SLICES', 'EdgeSet', 'graph_edges', 'MaskedSum',
+           'UnchangedInput', 'hard_concrete', 'PatchState', 'PatchWrapper', 'make_model_patchable', 'PatchableModel',
+           'patchable_model', 'patch_mode', 'source_outputs', 'set_all_masks', 'set_masks', 'train_mask_mode',
+           'mask_fn_mode', 'set_mask_batch_size', 'out_slice_only', 'edge_counts_util', 'draw_graph']
 
 # %% ../nbs/01_graph.ipynb #3f864b96
 def _factorized_nodes(adapter: TransformerLensAdapter, separate_qkv: bool) -> Tuple[List[SrcNode], List[DestNode]]:
@@ -130,29 +130,75 @@ def _differences(patch: Tensor, # [src, batch or batch/groups, seq, d_model]: th
     per_group = curr.shape[1] // groups
     return patch.reshape(patch.shape[0], -1, per_group, *patch.shape[2:]) - curr.view(curr.shape[0], groups, per_group, *curr.shape[2:])
 
+def _rows(x: Tensor, width: int) -> Tensor:
+    "Sources `[n, batch, seq, d_model]` as `[groups, n, width]`, width = one group's seq·d_model values (groups 1 for one group's prompts)."
+    return x.reshape(x.shape[0], -1, width).transpose(0, 1)
+
+def _times(mask: Tensor, rows: Tensor) -> Tensor:
+    "`mask [groups, head, n] @ rows [groups|1, n, width]`: `[groups, head, width]`."
+    if rows.shape[0] == mask.shape[0]: return t.bmm(mask, rows)
+    return (mask.reshape(-1, mask.shape[-1]) @ rows[0]).view(*mask.shape[:2], -1)
+
+def _times_t(grad: Tensor, rows: Tensor) -> Tensor:
+    "`grad [groups, head, width] @ rowsᵀ`: `[groups, head, n]`, summed over the width."
+    if rows.shape[0] == grad.shape[0]: return t.bmm(grad, rows.transpose(1, 2))
+    return (grad.reshape(-1, grad.shape[-1]) @ rows[0].T).view(*grad.shape[:2], -1)
+
+# %% ../nbs/01_graph.ipynb #cedf3452
+def _mask_grad(grad: Tensor, patch: Tensor, currs: Sequence[Tensor], width: int) -> Tensor:
+    "Σ over the width of `grad [groups, head, width]` · (patch − curr): `[groups, head, src]`."
+    from_currs = t.cat([_times_t(grad, _rows(c, width)) for c in currs], dim=-1)
+    return _times_t(grad, _rows(patch, width)) - from_currs
+
+class MaskedSum(t.autograd.Function):
+    "Σ_src mask · (patch − curr) for masks `[groups, head, src]`: `[groups, head, width]`."
+    @staticmethod
+    def forward(ctx, mask, width, patch, *currs):
+        ctx.width = width
+        ctx.save_for_backward(mask, patch, *currs)
+        out = _times(mask, _rows(patch, width))
+        start = 0
+        for c in currs:
+            out.baddbmm_(mask[..., start:start + c.shape[0]], _rows(c, width), alpha=-1)
+            start += c.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        mask, patch, *currs = ctx.saved_tensors
+        need, width = ctx.needs_input_grad, ctx.width
+        grad_mask = _mask_grad(grad, patch, currs, width) if need[0] else None
+        grad_patch = None
+        if need[2]:
+            summed = _times(mask.transpose(1, 2), grad)  # [groups, src, width]
+            if _rows(patch, width).shape[0] == 1: summed = summed.sum(0, keepdim=True)
+            grad_patch = summed.transpose(0, 1).reshape(patch.shape)
+        grad_currs, start = [], 0
+        for c, needed in zip(currs, need[3:]):
+            piece = mask[..., start:start + c.shape[0]].transpose(1, 2)
+            grad_currs.append(-t.bmm(piece, grad).transpose(0, 1).reshape(c.shape) if needed else None)
+            start += c.shape[0]
+        return (grad_mask, None, grad_patch, *grad_currs)
+
 def _masked_sum(mask4: Tensor, # [groups, seq|1, head, src]
-                diffs: Tensor, # [src, groups, prompts per group, seq, d_model], from `_differences`
-               ) -> Tensor:
-    "Σ_src mask · (patch − curr), `[groups, head, prompts per group, seq, d_model]`: one matrix product per group."
+                patch: Tensor, currs: Sequence[Tensor]) -> Tensor:
+    "Σ_src mask · (patch − curr), `[groups, head, prompts per group, seq, d_model]`."
     groups, seq, heads, srcs = mask4.shape
-    if seq > 1: return t.einsum("Gshk,kGgsm->Ghgsm", mask4, diffs)
-    if groups == 1: return (mask4.reshape(heads, srcs) @ diffs.reshape(srcs, -1)).view(1, heads, *diffs.shape[2:])
-    per_group = diffs.reshape(srcs, groups, -1).transpose(0, 1)
-    return t.bmm(mask4.reshape(groups, heads, srcs), per_group).view(groups, heads, *diffs.shape[2:])
+    batch, shape = currs[0].shape[1], currs[0].shape[2:]
+    if seq > 1: return t.einsum("Gshk,kGgsm->Ghgsm", mask4, _differences(patch, currs, groups))
+    width = batch // groups * shape.numel()
+    out = MaskedSum.apply(mask4.reshape(groups, heads, srcs), width, patch, *currs)
+    return out.view(groups, heads, batch // groups, *shape)
 
 # %% ../nbs/01_graph.ipynb #0db6d9e6
 def _zero_mask_grad(grad: Tensor, # [head, batch, seq, d_model]: the gradient at each head's patched input
                     mask4: Tensor, patch: Tensor, currs: Sequence[Tensor]) -> Tensor:
     "Σ over prompts, positions and d_model of `grad · (patch − curr)`: the gradient of masks at 0, shaped like `mask4`."
     groups, seq, heads, srcs = mask4.shape
-    if groups == 1 and seq == 1:
-        rows = grad.reshape(heads, -1)
-        from_patch = rows @ patch.reshape(srcs, -1).T
-        from_currs = t.cat([rows @ c.reshape(c.shape[0], -1).T for c in currs], dim=1)
-        return (from_patch - from_currs).view(mask4.shape)
+    width = grad[0].numel() // groups
+    if seq == 1: return _mask_grad(grad.reshape(heads, groups, width).transpose(0, 1), patch, currs, width).view(mask4.shape)
     grouped = grad.reshape(heads, groups, -1, *grad.shape[2:])
-    out = "Gshk" if seq > 1 else "Ghk"
-    return t.einsum(f"hGgsm,kGgsm->{out}", grouped, _differences(patch, currs, groups)).reshape(mask4.shape)
+    return t.einsum("hGgsm,kGgsm->Gshk", grouped, _differences(patch, currs, groups))
 
 class UnchangedInput(t.autograd.Function):
     "A destination whose masks are all 0: its activation returned as is, with the mask gradient through `input_vjp`."
@@ -190,26 +236,69 @@ class PatchState:
         self.n_srcs, self.seq_len, self.adapter, self.model = n_srcs, seq_len, adapter, adapter.model
         self.patch_src_outs: Optional[Tensor] = None  # [n_srcs, batch, seq, d_model] while patching
         self.capture: Optional[Tensor] = None  # where to copy source outputs, when asked
-        self.curr: Dict[int, Tensor] = {}  # source wrapper index -> its output in this forward pass
-        self.block_inputs: Dict[int, Tensor] = {}  # block -> the residual stream entering it, in this forward pass
-        self.differences: Dict[Tuple[int, int, int], Tensor] = {}  # (first src, end src, groups) -> patch − curr
-        self.normalized: Dict[nn.Module, Tuple] = {}  # projected destination -> (heads, its normalized patched inputs)
         self.mask_fn: MaskFn = None
         self.dropout_p = 0.0
+        self.src_ranges: List[Tuple[int, int]] = []  # the src_idx range of each source wrapper, by position
+        self.stages: Dict[int, list] = {}  # block -> destinations whose patches are computed together there
+        self._spare: Optional[Tensor] = None  # the last pass's difference buffer, reused when shapes match
+        self.end_pass()
 
     @property
     def sample_masks(self) -> bool:
         "Hard concrete masks are sampled in training mode and noise-free in eval mode."
         return self.model.training
 
-    def start_pass(self): self.curr, self.differences, self.normalized = {}, {}, {}
-    def end_pass(self): self.curr, self.differences, self.normalized, self.block_inputs = {}, {}, {}, {}
-
-    def record_block_input(self, block: int, x: Tensor):
-        if self.patch_src_outs is not None: self.block_inputs[block] = x
-
     @property
     def active(self) -> bool: return self.patch_src_outs is not None or self.capture is not None
+
+# %% ../nbs/01_graph.ipynb #6ce49cf8
+@patch
+def start_pass(self: PatchState, x: Tensor):
+    "A forward pass starts with the residual stream `x` `[batch, seq, d_model]`."
+    block_inputs = self.block_inputs  # block 0's input may be recorded already: it is `x`
+    self.end_pass()
+    self.block_inputs = block_inputs
+    if self.patch_src_outs is not None and not t.is_grad_enabled():
+        shape = (self.n_srcs, *x.shape)
+        spare = self._spare
+        reuse = spare is not None and spare.shape == shape and spare.dtype == x.dtype and spare.device == x.device
+        self.diff_buffer = self._spare = spare if reuse else x.new_empty(shape)
+
+@patch
+def end_pass(self: PatchState):
+    "Forget everything of the last forward pass."
+    self.curr: Dict[int, Tensor] = {}  # source wrapper position -> its output (or, without autograd, its rows below)
+    self.diff_buffer: Optional[Tensor] = None  # without autograd: patch − curr of every source, [n_srcs, batch, seq, d_model]
+    self.block_inputs: Dict[int, Tensor] = {}  # block -> the residual stream entering it
+    self.masks: Dict[nn.Module, Tensor] = {}  # destination -> its effective masks in this pass
+    self.partial: Dict[nn.Module, Tuple] = {}  # destination -> (heads, the part of its patch its stage computed)
+    self.normalized: Dict[nn.Module, Tuple] = {}  # projected destination -> (heads, its normalized patched inputs)
+
+@patch
+def release(self: PatchState):
+    "Forget the last pass and free the buffer kept for the next."
+    self.end_pass(); self._spare = None
+
+@patch
+def record_block_input(self: PatchState, block: int, x: Tensor):
+    if self.patch_src_outs is not None: self.block_inputs[block] = x
+
+@patch
+def operands(self: PatchState, lo: int, hi: int, dtype) -> Tuple[Tensor, List[Tensor]]:
+    "The ablation values and the current outputs (per source hook) of sources `lo` to `hi − 1`."
+    currs = [self.curr[i] for i, (a, b) in enumerate(self.src_ranges) if lo <= a and b <= hi]
+    return self.patch_src_outs[lo:hi].to(dtype), currs
+
+@patch
+def delta(self: PatchState, mask4: Tensor, lo: int, hi: int) -> Tensor:
+    "Σ over sources `lo` to `hi − 1` of mask · (patch − curr): `[groups, head, per group, seq, d_model]`."
+    if self.diff_buffer is None: return _masked_sum(mask4, *self.operands(lo, hi, mask4.dtype))
+    diffs = self.diff_buffer[lo:hi]  # recorded side by side: one matrix product
+    groups, seq, heads, srcs = mask4.shape
+    per_group = diffs.shape[1] // groups
+    if seq > 1: return t.einsum("Gshk,kGgsm->Ghgsm", mask4, diffs.view(srcs, groups, per_group, *diffs.shape[2:]))
+    out = _times(mask4.reshape(groups, heads, srcs), _rows(diffs, diffs[0, 0].numel() * per_group))
+    return out.view(groups, heads, per_group, *diffs.shape[2:])
 
 # %% ../nbs/01_graph.ipynb #59bfee4c
 class PatchWrapper(nn.Module):
@@ -227,6 +316,8 @@ class PatchWrapper(nn.Module):
         self.is_dest, self.is_last_dest = dest is not None, False
         self.in_srcs = (dest.min_src_idx, dest.max_src_idx) if dest else None
         self.in_wrappers: List[int] = []  # source wrappers feeding it, set by `make_model_patchable`
+        self.layer = dest.layer if dest else None
+        self.stage: Optional[Tuple[int, int]] = None  # (block, end src) of the stage that computes the start of its patch
         self.src_position = None  # its index among source wrappers, set by `make_model_patchable`
         if self.is_dest:
             self.mask_shape = tuple(([state.seq_len] if state.seq_len else []) + ([n_heads] if n_heads else []) + [dest.n_srcs])
@@ -241,7 +332,7 @@ def forward(self: PatchWrapper, x: Tensor) -> Optional[Tensor]:
 
     state = self.state
     if not state.active: return None
-    if self.is_first_src: state.start_pass()
+    if self.is_first_src: state.start_pass(x)
     if self.is_dest and state.patch_src_outs is not None: x = _patch(self, x)
     if self.src_range is not None: _record(self, x)
     if self.is_last_dest: state.end_pass()
@@ -254,10 +345,18 @@ def forward_projected(self: PatchWrapper, letter: str, projection: Tensor) -> Op
     return _patch_projected(self, letter, projection)
 
 def _record(self: PatchWrapper, x: Tensor):
-    out = self.state.adapter.source_output(self.module_name, x)  # [n, batch, seq, d_model]
-    self.state.curr[self.src_position] = out
-    if self.state.capture is not None:
-        self.state.capture[slice(*self.src_range)] = out.detach()
+    state, span = self.state, slice(*self.src_range)
+    rows = None if state.diff_buffer is None else state.diff_buffer[span]
+    out = state.adapter.source_output(self.module_name, x, rows)
+    if state.capture is not None: state.capture[span] = out.detach()
+    if rows is not None:  # rows := patch − curr, the ablation values broadcast over groups of prompts
+        patch = state.patch_src_outs[span]
+        if patch.shape[2:] != out.shape[2:] or out.shape[1] % patch.shape[1]:
+            raise ValueError(f"patch_src_outs is shaped {tuple(state.patch_src_outs.shape)} but {self.module_name} has "
+                             f"batch {out.shape[1]}, seq {out.shape[2]}, d_model {out.shape[3]}")
+        grouped = rows.view(rows.shape[0], -1, *patch.shape[1:])
+        t.sub(patch.unsqueeze(1).to(rows.dtype), grouped, out=grouped)
+    state.curr[self.src_position] = out
 
 # %% ../nbs/01_graph.ipynb #4887be37
 def _effective_mask(self: PatchWrapper, batch_size: int) -> Tensor:
@@ -274,36 +373,38 @@ def _effective_mask(self: PatchWrapper, batch_size: int) -> Tensor:
     if state.seq_len is None: mask = mask.unsqueeze(-3)
     return mask if batched else mask.unsqueeze(0)
 
-def _patch_operands(self: PatchWrapper, x: Tensor) -> Tuple[Tensor, Tensor, List[Tensor]]:
-    "The effective masks, ablation values and current source outputs for patching input `x` `[batch, seq, ..., d_model]`."
+def _patch_operands(self: PatchWrapper, x: Tensor, sources_ran: bool = True) -> Tensor:
+    "Check that input `x` `[batch, seq, ..., d_model]` can be patched; return the effective masks, the same all pass."
     state = self.state
+    missing = [i for i in self.in_wrappers if i not in state.curr]
+    if sources_ran and missing: raise RuntimeError(f"{self.module_name} is patched but some of its sources did not run in this forward pass")
+    if self in state.masks: return state.masks[self]
     batch, seq, width = x.shape[0], x.shape[1], x.shape[-1]
     if state.seq_len is not None and seq != state.seq_len:
         raise ValueError(f"the model was wrapped with seq_len={state.seq_len} but the input has {seq} positions")
     mask4 = _effective_mask(self, batch)
     groups = mask4.shape[0]
     if batch % groups: raise ValueError(f"masks are set for batches of {groups} prompts but the input has {batch}")
-    patch = state.patch_src_outs[slice(*self.in_srcs)]
+    patch = state.patch_src_outs
     if patch.shape[2:] != (seq, width) or patch.shape[1] not in (batch, batch // groups):
-        raise ValueError(f"patch_src_outs is shaped {tuple(state.patch_src_outs.shape)} but {self.module_name} has "
+        raise ValueError(f"patch_src_outs is shaped {tuple(patch.shape)} but {self.module_name} has "
                          f"batch {batch}, seq {seq}, d_model {width}")
-    missing = [i for i in self.in_wrappers if i not in state.curr]
-    if missing: raise RuntimeError(f"{self.module_name} is patched but some of its sources did not run in this forward pass")
-    return mask4.to(x.dtype), patch.to(x.dtype), [state.curr[i] for i in self.in_wrappers]
-
-def _shared_differences(self: PatchWrapper, patch: Tensor, currs: List[Tensor], groups: int) -> Tensor:
-    "patch − curr for this destination's sources, formed once per forward pass for all destinations that read them."
-    key = (*self.in_srcs, groups)
-    if key not in self.state.differences: self.state.differences[key] = _differences(patch, currs, groups)
-    return self.state.differences[key]
+    state.masks[self] = mask4.to(x.dtype)
+    return state.masks[self]
 
 def _patch(self: PatchWrapper, x: Tensor) -> Tensor:
-    mask4, patch, currs = _patch_operands(self, x)
+    mask4 = _patch_operands(self, x)
     if not mask4.any():
         if not mask4.requires_grad: return x
         heads_first = (lambda g: g.permute(2, 0, 1, 3)) if self.n_heads else (lambda g: g.unsqueeze(0))
+        patch, currs = self.state.operands(*self.in_srcs, x.dtype)
         return UnchangedInput.apply(heads_first, x, mask4, patch, *currs)
-    delta = _masked_sum(mask4, _shared_differences(self, patch, currs, mask4.shape[0]))  # [groups, head, per group, seq, d_model]
+    lo, hi = self.in_srcs
+    _, early = self.state.partial.pop(self, (None, None))
+    if early is None: delta = self.state.delta(mask4, lo, hi)  # [groups, head, per group, seq, d_model]
+    else:
+        split = self.stage[1]
+        delta = early if split == hi else early + self.state.delta(mask4[..., split - lo:], split, hi)
     if self.n_heads: delta = delta.permute(0, 2, 3, 1, 4)
     return x + delta.reshape(x.shape)
 
@@ -313,19 +414,34 @@ def _changed_heads(mask4: Tensor) -> Optional[Tensor]:
     changed = mask4.ne(0).flatten(0, 1).any(0).any(-1)
     return None if bool(changed.all()) else changed.nonzero().squeeze(1)
 
+def _run_stage(state: PatchState, block: int, x: Tensor):
+    "Compute the patches of all destinations of `block`'s stage with one matrix product per group: each source row is read once."
+    members, stacked = [], []
+    for w in state.stages[block]:
+        mask4 = _patch_operands(w, x, sources_ran=w.projected is not None)  # later destinations' own sources come later
+        if not mask4.any(): continue  # nothing to add: the destination handles itself
+        heads = None if mask4.requires_grad or not w.projected else _changed_heads(mask4)
+        part = mask4[..., :w.stage[1] - w.in_srcs[0]]
+        members.append((w, heads))
+        stacked.append(part if heads is None else part.index_select(2, heads))
+    if not members: return
+    rows = state.delta(t.cat(stacked, dim=2), 0, state.stages[block][0].stage[1]).split([p.shape[2] for p in stacked], dim=1)
+    for (w, heads), delta in zip(members, rows): state.partial[w] = heads, delta
+
 def _patch_projected(self: PatchWrapper, letter: str, projection: Tensor) -> Tensor:
     state, adapter = self.state, self.state.adapter
     block = self.projected[0]
     x = state.block_inputs[block]  # [batch, seq, d_model]: every head's input before patching
-    mask4, patch, currs = _patch_operands(self, x)
+    mask4 = _patch_operands(self, x)
     if not mask4.any():
         if not mask4.requires_grad: return projection
-        return UnchangedInput.apply(partial(adapter.head_input_vjp, block, letter, x), projection, mask4, patch, *currs)
-    groups = mask4.shape[0]
+        vjp = partial(adapter.head_input_vjp, block, letter, x)
+        patch, currs = state.operands(*self.in_srcs, x.dtype)
+        return UnchangedInput.apply(vjp, projection, mask4, patch, *currs)
     if self not in state.normalized:  # a shared input feeds Q, K and V: patch and normalize it once
-        heads = None if mask4.requires_grad else _changed_heads(mask4)
-        delta = _masked_sum(mask4 if heads is None else mask4.index_select(2, heads), _shared_differences(self, patch, currs, groups))
-        inputs = delta + x.view(groups, 1, -1, *x.shape[1:])  # [groups, head, per group, seq, d_model]
+        if self not in state.partial: _run_stage(state, block, x)
+        heads, delta = state.partial.pop(self)
+        inputs = delta + x.view(mask4.shape[0], 1, -1, *x.shape[1:])  # [groups, head, per group, seq, d_model]
         state.normalized[self] = heads, adapter.normalize_head_inputs(block, inputs)
     heads, normalized = state.normalized[self]
     new = adapter.project_head_inputs(block, letter, normalized, heads)  # [groups, head, per group, seq, d_head]
@@ -377,6 +493,8 @@ def make_model_patchable(model: HookedTransformer, # the model to wrap, in place
     for w in wrappers:
         if w.is_dest: w.in_wrappers = [s.src_position for s in src_wrappers if w.in_srcs[0] <= s.src_range[0] < w.in_srcs[1]]
     [w for w in wrappers if w.is_dest][-1].is_last_dest = True
+    state.src_ranges = [w.src_range for w in src_wrappers]
+    _plan_stages(state, [w for w in wrappers if w.is_dest])
     saved_flags = adapter.set_flags(adapter.flags_for([m for m in module_names if m not in projected]))
     handles = [adapter.add_hook(w.module_name, w.forward) for w in wrappers if not w.projected]
     handles += [adapter.add_hook(adapter.projected_head_in(w.projected[0], letter), partial(w.forward_projected, letter))
@@ -385,10 +503,25 @@ def make_model_patchable(model: HookedTransformer, # the model to wrap, in place
                 for b in sorted({p[0] for p in projected.values()})]
     return _Patching(wrappers, state, handles, saved_flags, adapter)
 
+def _plan_stages(state: PatchState, dests: List[PatchWrapper]):
+    "Group destinations into stages: a block's projected head inputs, and the start of each later destination's patch."
+    in_hook_order = lambda w: "QKV".index(w.projected[1][0])  # masks are sampled in the order the model reads them
+    for w in sorted((w for w in dests if w.projected), key=in_hook_order):
+        w.stage = (w.projected[0], w.in_srcs[1])
+        state.stages.setdefault(w.projected[0], []).append(w)
+    leaders = {b: ws[0] for b, ws in state.stages.items()}
+    for w in dests:
+        if w.projected or w.in_srcs[0] != 0: continue
+        earlier = [b for b, lead in leaders.items() if lead.layer < w.layer and lead.in_srcs[1] <= w.in_srcs[1]]
+        if earlier:
+            block = max(earlier, key=lambda b: leaders[b].layer)
+            w.stage = (block, leaders[block].in_srcs[1])
+            state.stages[block].append(w)
+
 def _first_use(module_name, src_ranges, dest_of):
     "Sort key: hook points in the order a forward pass reaches them."
     d = dest_of.get(module_name)
-    return (d.layer if d else float("inf"), src_ranges[module_name][0] if module_name in src_ranges else -1)
+    return (d.layer if d else float("inf"), src_ranges[module_name][0] if module_name in src_ranges else -1, module_name)
 
 # %% ../nbs/01_graph.ipynb #133338c4
 OUT_SLICES = {None: (slice(None),), "last_seq": (slice(None), -1), "not_first_seq": (slice(None), slice(1, None))}
@@ -520,7 +653,7 @@ def patch_mode(model: PatchableModel, # the wrapped model
             yield model
         finally:
             state.patch_src_outs, state.capture = saved_state
-            state.curr = {}
+            state.release()
 
 # %% ../nbs/01_graph.ipynb #73491206
 def source_outputs(model: PatchableModel, # the wrapped model
