@@ -96,13 +96,24 @@ def add_hook(self: TransformerLensAdapter, name: str, # hook point name
     return self.hook_point(name).register_forward_hook(lambda module, inputs, output: fn(output), prepend=first)
 
 @patch
-def run(self: TransformerLensAdapter, tokens, *args, kv_cache=None, **kwargs):
+def run(self: TransformerLensAdapter, tokens, *args, kv_cache=None,
+        logits: bool = True, # False: stop after the last block (no final norm, no unembedding), returning the residual stream
+        **kwargs):
     "Run the model on `tokens`, after the prefix stored in `kv_cache` when one is given."
+    if not logits: kwargs["stop_at_layer"] = self.n_layers
     if kv_cache is not None:
         kwargs["past_kv_cache"] = kv_cache
         # with a cache TransformerLens wants an attention mask, and without a tokenizer cannot guess it
         kwargs.setdefault("attention_mask", t.ones_like(tokens))
     return self.model(tokens, *args, **kwargs)
+
+@patch
+def logits(self: TransformerLensAdapter, resid: t.Tensor) -> t.Tensor:
+    "The logits the model computes from residual-stream vectors `resid` `[..., d_model]` leaving its last block."
+    if self.cfg.normalization_type is not None: resid = self.model.ln_final(resid)
+    logits = resid @ self.model.unembed.W_U + self.model.unembed.b_U  # W_U as stored: no transposed copy of it
+    cap = getattr(self.cfg, "output_logits_soft_cap", None)
+    return cap * t.tanh(logits / cap) if cap is not None and cap > 0 else logits
 
 # %% ../nbs/00a_model_adapter.ipynb #49bcbd31
 @patch
@@ -141,31 +152,35 @@ def head_in_letters(self: TransformerLensAdapter, module_name: str) -> Optional[
     return None if letters is None else (int(parts[1]), letters)
 
 # %% ../nbs/00a_model_adapter.ipynb #aec24943
-_FUSED_NORMS = {"LayerNorm": t.nn.functional.layer_norm, "LayerNormPre": t.nn.functional.layer_norm,
-                "RMSNorm": t.nn.functional.rms_norm, "RMSNormPre": t.nn.functional.rms_norm}
+def _project(inputs: t.Tensor, W: t.Tensor) -> t.Tensor:
+    "`inputs [..., head, batch, seq, d_model] @ W [head, d_model, d_head]`, one batched product per leading index."
+    flat = inputs.reshape(-1, *inputs.shape[-4:])
+    out = t.stack([x.flatten(1, 2) @ W for x in flat])  # [lead, head, batch·seq, d_head]
+    return out.view(*inputs.shape[:-1], W.shape[-1])
 
-@patch
-def normalize_head_inputs(self: TransformerLensAdapter, block,
-                          inputs: t.Tensor, # [..., head, batch, seq, d_model]: each head's input
-                         ) -> t.Tensor:
-    "Block `block`'s `ln1` of per-head inputs, with PyTorch's fused kernels where TransformerLens' norm has one."
-    norm = self.model.blocks[block].ln1
-    fused = _FUSED_NORMS.get(type(norm).__name__)
-    if fused is None: return norm(inputs)
-    weights = [norm.w] if hasattr(norm, "w") else []
-    if fused is t.nn.functional.layer_norm: weights += [norm.b] if hasattr(norm, "b") else []
-    return fused(inputs, (inputs.shape[-1],), *weights, eps=norm.eps)
+_ALGEBRAIC_NORMS = {"LayerNorm": True, "LayerNormPre": True, "RMSNorm": False, "RMSNormPre": False}  # -> centred?
 
 @patch
 def project_head_inputs(self: TransformerLensAdapter, block, letter: str,
-                        normalized: t.Tensor, # [..., head, batch, seq, d_model], from `normalize_head_inputs`
-                        heads: Optional[t.Tensor] = None, # which heads `normalized` holds (all when None)
+                        inputs: t.Tensor, # [..., head, batch, seq, d_model]: each head's input, before `ln1`
+                        heads: Optional[t.Tensor] = None, # which heads `inputs` holds (all when None)
                        ) -> t.Tensor:
-    "The `letter` projection (Q, K or V) of normalized per-head inputs: `[..., head, batch, seq, d_head]`."
-    attn = self.model.blocks[block].attn
+    "The `letter` projection (Q, K or V) of `ln1` of per-head inputs: `[..., head, batch, seq, d_head]`."
+    attn, norm = self.model.blocks[block].attn, self.model.blocks[block].ln1
     W, b = getattr(attn, f"W_{letter}"), getattr(attn, f"b_{letter}")
     if heads is not None: W, b = W[heads], b[heads]
-    return (normalized.flatten(-3, -2) @ W).unflatten(-2, normalized.shape[-3:-1]) + b[:, None, None]
+    centred = _ALGEBRAIC_NORMS.get(type(norm).__name__)
+    if centred is None: return _project(norm(inputs), W) + b[:, None, None]  # identity, or a norm without a formula
+    if hasattr(norm, "b"): b = b + norm.b @ W
+    if hasattr(norm, "w"): W = W * norm.w[:, None]
+    projected = _project(inputs, W)
+    # the statistics by reductions that allocate nothing of the inputs' size (var_mean would, and is slow)
+    mean_square = t.linalg.vector_norm(inputs, dim=-1, keepdim=True).pow(2) / inputs.shape[-1]
+    if centred:
+        mean = inputs.mean(-1, keepdim=True)
+        projected = projected - mean * W.sum(-2)[:, None, None]
+        mean_square = (mean_square - mean.pow(2)).clamp_min(0)
+    return projected / (mean_square + norm.eps).sqrt() + b[:, None, None]
 
 # %% ../nbs/00a_model_adapter.ipynb #158bffa0
 def _norm_vjp(norm: nn.Module, x: t.Tensor, u: t.Tensor) -> t.Tensor:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .data import (BatchKey, PromptDataLoader, batch_answer_diffs, batch_avg_answer_val, batch_src_ablations,
                              correct_answer_proportion, multibatch_kl_div)
-from .graph import PatchableModel, draw_graph, out_slice_only, patch_mode, set_mask_batch_size
+from .graph import PatchableModel, draw_graph, out_slice_logits, patch_mode, set_mask_batch_size
 from .progress_bars import progress
 from .types import *
 
@@ -97,9 +97,9 @@ def run_circuits(model: PatchableModel, # the wrapped model
                 m = len(chunk)
                 masks = _circuit_masks(ranks, t.tensor(chunk), patch_type, model.cfg.dtype)
                 # one group of masks per circuit, over the prompts repeated once per circuit: the ablation values are shared
-                with set_mask_batch_size(model, m), patch_mode(model, ablations[batch.key]), out_slice_only(model):
+                with set_mask_batch_size(model, m), patch_mode(model, ablations[batch.key]):
                     for name, mask in model.patch_masks.items(): mask.copy_(masks[name])
-                    out = model(tokens.repeat(m, 1))[model.out_slice]
+                    out = out_slice_logits(model, tokens.repeat(m, 1))
                 for j, c in enumerate(chunk): outs[c][batch.key] = out[j * b:(j + 1) * b]
     return outs
 
@@ -107,7 +107,7 @@ def run_circuits(model: PatchableModel, # the wrapped model
 def _per_prompt(model: PatchableModel, dataloader: PromptDataLoader, circuit_outs: CircuitOutputs,
                 measure: Callable[[Tensor, Tensor, object], Tensor]) -> List[Tuple[int, float]]:
     "`measure(circuit_vals, full_model_vals, batch)` (a per-prompt tensor) averaged over all prompts, per circuit size."
-    with t.no_grad(): full = {b.key: model(b.clean)[model.out_slice] for b in dataloader}
+    with t.no_grad(): full = {b.key: out_slice_logits(model, b.clean) for b in dataloader}
     points = []
     for count, by_batch in sorted(circuit_outs.items()):
         values = [measure(by_batch[b.key], full[b.key], b).reshape(-1) for b in dataloader]

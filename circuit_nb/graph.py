@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_graph.ipynb #38f39914
 from __future__ import annotations
-import gc, weakref
+import gc, math, weakref
 from collections import abc
 from functools import partial
 from itertools import chain, count, repeat
@@ -24,7 +24,7 @@ from .types import *
 __all__ = ['HARD_CONCRETE_STRETCH', 'HARD_CONCRETE_TEMPERATURE', 'OUT_SLICES', 'EdgeSet', 'graph_edges', 'MaskedSum',
            'UnchangedInput', 'hard_concrete', 'PatchState', 'PatchWrapper', 'make_model_patchable', 'PatchableModel',
            'patchable_model', 'patch_mode', 'source_outputs', 'set_all_masks', 'set_masks', 'train_mask_mode',
-           'mask_fn_mode', 'set_mask_batch_size', 'out_slice_only', 'edge_counts_util', 'draw_graph']
+           'mask_fn_mode', 'set_mask_batch_size', 'out_slice_logits', 'edge_counts_util', 'draw_graph']
 
 # %% ../nbs/01_graph.ipynb #3f864b96
 def _factorized_nodes(adapter: TransformerLensAdapter, separate_qkv: bool) -> Tuple[List[SrcNode], List[DestNode]]:
@@ -241,6 +241,7 @@ class PatchState:
         self.src_ranges: List[Tuple[int, int]] = []  # the src_idx range of each source wrapper, by position
         self.stages: Dict[int, list] = {}  # block -> destinations whose patches are computed together there
         self._spare: Optional[Tensor] = None  # the last pass's difference buffer, reused when shapes match
+        self._spare_delta: Optional[Tensor] = None  # the buffer stages write into without autograd
         self.end_pass()
 
     @property
@@ -272,12 +273,12 @@ def end_pass(self: PatchState):
     self.block_inputs: Dict[int, Tensor] = {}  # block -> the residual stream entering it
     self.masks: Dict[nn.Module, Tensor] = {}  # destination -> its effective masks in this pass
     self.partial: Dict[nn.Module, Tuple] = {}  # destination -> (heads, the part of its patch its stage computed)
-    self.normalized: Dict[nn.Module, Tuple] = {}  # projected destination -> (heads, its normalized patched inputs)
+    self.head_inputs: Dict[nn.Module, Tuple] = {}  # projected destination -> (heads, its patched per-head inputs)
 
 @patch
 def release(self: PatchState):
     "Forget the last pass and free the buffer kept for the next."
-    self.end_pass(); self._spare = None
+    self.end_pass(); self._spare = self._spare_delta = None
 
 @patch
 def record_block_input(self: PatchState, block: int, x: Tensor):
@@ -290,15 +291,23 @@ def operands(self: PatchState, lo: int, hi: int, dtype) -> Tuple[Tensor, List[Te
     return self.patch_src_outs[lo:hi].to(dtype), currs
 
 @patch
-def delta(self: PatchState, mask4: Tensor, lo: int, hi: int) -> Tensor:
+def delta(self: PatchState, mask4: Tensor, lo: int, hi: int,
+          reuse: bool = False, # without autograd, write into the buffer the last call with `reuse` wrote into
+         ) -> Tensor:
     "Σ over sources `lo` to `hi − 1` of mask · (patch − curr): `[groups, head, per group, seq, d_model]`."
     if self.diff_buffer is None: return _masked_sum(mask4, *self.operands(lo, hi, mask4.dtype))
     diffs = self.diff_buffer[lo:hi]  # recorded side by side: one matrix product
     groups, seq, heads, srcs = mask4.shape
     per_group = diffs.shape[1] // groups
+    shape = (groups, heads, per_group, *diffs.shape[2:])
     if seq > 1: return t.einsum("Gshk,kGgsm->Ghgsm", mask4, diffs.view(srcs, groups, per_group, *diffs.shape[2:]))
-    out = _times(mask4.reshape(groups, heads, srcs), _rows(diffs, diffs[0, 0].numel() * per_group))
-    return out.view(groups, heads, per_group, *diffs.shape[2:])
+    out = None
+    if reuse:  # a fresh tensor this size costs more in page faults than the product itself
+        spare = self._spare_delta
+        if spare is None or spare.numel() < math.prod(shape) or spare.dtype != diffs.dtype or spare.device != diffs.device:
+            spare = self._spare_delta = diffs.new_empty(math.prod(shape))
+        out = spare[:math.prod(shape)].view(groups, heads, -1)
+    return t.bmm(mask4.reshape(groups, heads, srcs), _rows(diffs, math.prod(shape[2:])), out=out).view(shape)
 
 # %% ../nbs/01_graph.ipynb #59bfee4c
 class PatchWrapper(nn.Module):
@@ -404,7 +413,8 @@ def _patch(self: PatchWrapper, x: Tensor) -> Tensor:
     if early is None: delta = self.state.delta(mask4, lo, hi)  # [groups, head, per group, seq, d_model]
     else:
         split = self.stage[1]
-        delta = early if split == hi else early + self.state.delta(mask4[..., split - lo:], split, hi)
+        rest = None if split == hi else self.state.delta(mask4[..., split - lo:], split, hi)
+        delta = early if rest is None else early + rest if t.is_grad_enabled() else early.add_(rest)
     if self.n_heads: delta = delta.permute(0, 2, 3, 1, 4)
     return x + delta.reshape(x.shape)
 
@@ -425,7 +435,8 @@ def _run_stage(state: PatchState, block: int, x: Tensor):
         members.append((w, heads))
         stacked.append(part if heads is None else part.index_select(2, heads))
     if not members: return
-    rows = state.delta(t.cat(stacked, dim=2), 0, state.stages[block][0].stage[1]).split([p.shape[2] for p in stacked], dim=1)
+    rows = state.delta(t.cat(stacked, dim=2), 0, state.stages[block][0].stage[1], reuse=True)
+    rows = rows.split([p.shape[2] for p in stacked], dim=1)
     for (w, heads), delta in zip(members, rows): state.partial[w] = heads, delta
 
 def _patch_projected(self: PatchWrapper, letter: str, projection: Tensor) -> Tensor:
@@ -438,13 +449,14 @@ def _patch_projected(self: PatchWrapper, letter: str, projection: Tensor) -> Ten
         vjp = partial(adapter.head_input_vjp, block, letter, x)
         patch, currs = state.operands(*self.in_srcs, x.dtype)
         return UnchangedInput.apply(vjp, projection, mask4, patch, *currs)
-    if self not in state.normalized:  # a shared input feeds Q, K and V: patch and normalize it once
+    if self not in state.head_inputs:  # a shared input feeds Q, K and V: patch it once
         if self not in state.partial: _run_stage(state, block, x)
         heads, delta = state.partial.pop(self)
-        inputs = delta + x.view(mask4.shape[0], 1, -1, *x.shape[1:])  # [groups, head, per group, seq, d_model]
-        state.normalized[self] = heads, adapter.normalize_head_inputs(block, inputs)
-    heads, normalized = state.normalized[self]
-    new = adapter.project_head_inputs(block, letter, normalized, heads)  # [groups, head, per group, seq, d_head]
+        resid = x.view(mask4.shape[0], 1, -1, *x.shape[1:])
+        inputs = delta + resid if t.is_grad_enabled() else delta.add_(resid)  # [groups, head, per group, seq, d_model]
+        state.head_inputs[self] = heads, inputs
+    heads, inputs = state.head_inputs[self]
+    new = adapter.project_head_inputs(block, letter, inputs, heads)  # [groups, head, per group, seq, d_head]
     new = new.permute(0, 2, 3, 1, 4).reshape(*projection.shape[:2], -1, projection.shape[-1])
     return new if heads is None else projection.index_copy(2, heads, new)
 
@@ -666,7 +678,7 @@ def source_outputs(model: PatchableModel, # the wrapped model
     saved = state.patch_src_outs, state.capture
     state.patch_src_outs, state.capture = None, out
     try:
-        with t.no_grad(): model(tokens)
+        with t.no_grad(): model(tokens, logits=False)  # sources only: no unembedding
     finally: state.patch_src_outs, state.capture = saved
     return out
 
@@ -722,14 +734,10 @@ def set_mask_batch_size(model: PatchableModel, batch_size: Optional[int]):
         for w, m in zip(wrappers, saved): w.patch_mask = m
 
 # %% ../nbs/01_graph.ipynb #d246eee8
-@contextmanager
-def out_slice_only(model: PatchableModel):
-    "Within the block the model unembeds only the positions `model.out_slice` reads, when that saves work; `model(x)[model.out_slice]` is unchanged."
-    if model.out_slice != OUT_SLICES["last_seq"]: yield; return
-    adapter = model.patch_state.adapter
-    handle = adapter.add_hook(adapter.resid_end, lambda resid: resid[:, -1:], first=False)
-    try: yield
-    finally: handle.remove()
+def out_slice_logits(model: PatchableModel, tokens: Tensor, *args, **kwargs) -> Tensor:
+    "`model(tokens)[model.out_slice]`, with the final norm and unembedding computed at those positions only."
+    resid = model(tokens, *args, logits=False, **kwargs)
+    return model.patch_state.adapter.logits(resid[model.out_slice])
 
 # %% ../nbs/01_graph.ipynb #308355ef
 def _score_groups(prune_scores: PruneScores) -> List[int]:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .data import (PromptDataLoader, PromptPairBatch, batch_avg_answer_diff, batch_avg_answer_val,
                              batch_src_ablations)
-from .graph import PatchableModel, draw_graph, out_slice_only, patch_mode, set_all_masks, train_mask_mode
+from .graph import PatchableModel, draw_graph, out_slice_logits, patch_mode, set_all_masks, train_mask_mode
 from .progress_bars import progress, show_progress
 from .types import AblationType, Edge, PruneScores, check_option
 
@@ -121,7 +121,7 @@ def mask_gradient_prune_scores(model: PatchableModel, # the wrapped model
     names, params = list(masks), list(masks.values())
     scores = {name: t.zeros(m.shape, dtype=t.promote_types(m.dtype, t.float32), device=m.device) for name, m in masks.items()}
     steps = ((val, batch) for val in mask_values for batch in dataloader)
-    with frozen_parameters(model.wrapped_model), train_mask_mode(model), out_slice_only(model):
+    with frozen_parameters(model.wrapped_model), train_mask_mode(model):
         current_val = None
         for val, batch in progress(steps, desc="mask gradients", total=len(mask_values) * len(dataloader)):
             if val != current_val: set_all_masks(model, val); current_val = val
@@ -129,7 +129,7 @@ def mask_gradient_prune_scores(model: PatchableModel, # the wrapped model
                 raise ValueError("the dataloader yielded a batch it did not yield before: mask gradients pass over it "
                                  "several times and need the same batches each time (shuffle=False)")
             with patch_mode(model, src_outs[batch.key]):
-                logits = model(batch.clean)[model.out_slice]
+                logits = out_slice_logits(model, batch.clean)
                 loss = answer_loss(token_values(logits, grad_function), batch, answer_function)
                 grads = t.autograd.grad(loss, params, allow_unused=True)
             for name, grad in zip(names, grads):

@@ -16,7 +16,7 @@ from torch.nn.functional import log_softmax
 from .data import (BatchKey, PromptDataLoader, PromptPairBatch, answer_means, batch_answer_diff_percents,
                              batch_avg_answer_val, batch_src_ablations, correct_answer_proportion, multibatch_kl_div)
 from .graph import (HARD_CONCRETE_STRETCH, HARD_CONCRETE_TEMPERATURE, PatchableModel, draw_graph,
-                              mask_fn_mode, out_slice_only, patch_mode, set_all_masks, train_mask_mode)
+                              mask_fn_mode, out_slice_logits, patch_mode, set_all_masks, train_mask_mode)
 from .progress_bars import progress
 from .types import AblationType, Edge, MaskFn, PruneScores, check_option
 
@@ -85,7 +85,7 @@ def _reference_outputs(model: PatchableModel, dataloader: PromptDataLoader, tree
     if not isinstance(dataloader, PromptDataLoader):
         raise TypeError(f"the {which} dataloader must be a PromptDataLoader, not {type(dataloader).__name__}")
     if len(dataloader) == 0: raise ValueError(f"the {which} dataloader yields no batches")
-    with t.no_grad(): clean = {b.key: model(b.clean)[model.out_slice] for b in dataloader}
+    with t.no_grad(): clean = {b.key: out_slice_logits(model, b.clean) for b in dataloader}
     patch = batch_src_ablations(model, dataloader, AblationType.RESAMPLE, "corrupt" if tree_optimisation else "clean")
     return clean, patch
 
@@ -128,7 +128,7 @@ def _validation_faithfulness(model: PatchableModel, dataloader: PromptDataLoader
     with t.no_grad(), mask_fn_mode(model, mask_fn, 0.0):
         for batch in dataloader:
             with patch_mode(model, patch[batch.key]):
-                logits = model(batch.clean if tree_optimisation else batch.corrupt)[model.out_slice]
+                logits = out_slice_logits(model, batch.clean if tree_optimisation else batch.corrupt)
                 values.append(sp_faithfulness(logits, clean[batch.key], batch, faithfulness_target).item())
     model.train()
     return sum(values) / len(values)
@@ -197,7 +197,7 @@ def train_subnetwork_probe(model: PatchableModel, # the wrapped model (see `patc
     val_refs = None if validation_dataloader is None else _reference_outputs(model, validation_dataloader, tree_optimisation, "validation")
     history = {k: [] for k in ("loss", "faithfulness", "regularisation", "avoid_penalty", "expected_circuit_size", "validation_faithfulness")}
     in_circuit = lambda mask: circuit_probabilities(mask, mask_fn, tree_optimisation)
-    with _borrowed(model), train_mask_mode(model) as masks, mask_fn_mode(model, mask_fn, dropout_p), out_slice_only(model):
+    with _borrowed(model), train_mask_mode(model) as masks, mask_fn_mode(model, mask_fn, dropout_p):
         set_all_masks(model, _initial_mask(init_val, mask_fn, tree_optimisation))
         optim = t.optim.Adam(masks.values(), lr=learning_rate)
         model.train()
@@ -205,7 +205,7 @@ def train_subnetwork_probe(model: PatchableModel, # the wrapped model (see `patc
             for batch in dataloader:
                 optim.zero_grad(set_to_none=True)
                 with patch_mode(model, train_refs[1][batch.key]):
-                    logits = model(batch.clean if tree_optimisation else batch.corrupt)[model.out_slice]
+                    logits = out_slice_logits(model, batch.clean if tree_optimisation else batch.corrupt)
                     faith = sp_faithfulness(logits, train_refs[0][batch.key], batch, faithfulness_target)
                     expected = in_circuit(t.cat([m.flatten() for m in masks.values()])).sum()
                     size = t.relu(expected - circuit_size) / circuit_size if circuit_size else expected / model.n_edges
