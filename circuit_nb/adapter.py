@@ -170,7 +170,7 @@ def project_head_inputs(self: TransformerLensAdapter, block, letter: str,
     W, b = getattr(attn, f"W_{letter}"), getattr(attn, f"b_{letter}")
     if heads is not None: W, b = W[heads], b[heads]
     centred = _ALGEBRAIC_NORMS.get(type(norm).__name__)
-    if centred is None: return _project(norm(inputs), W) + b[:, None, None]  # identity, or a norm without a formula
+    if centred is None: return _project(norm.forward(inputs), W) + b[:, None, None]  # identity, or a norm without a formula
     if hasattr(norm, "b"): b = b + norm.b @ W
     if hasattr(norm, "w"): W = W * norm.w[:, None]
     projected = _project(inputs, W)
@@ -182,6 +182,20 @@ def project_head_inputs(self: TransformerLensAdapter, block, letter: str,
         mean_square = (mean_square - mean.pow(2)).clamp_min(0)
     return projected / (mean_square + norm.eps).sqrt() + b[:, None, None]
 
+@patch
+def hook_projection_inputs(self: TransformerLensAdapter, block,
+                           fn: Callable, # fn(letter, normalized input) -> a replacement, or None to keep it
+                          ) -> list:
+    "Hook block `block`'s normalised inputs to its Q, K and V projections; return the handles."
+    # TransformerLens normalises the block input once per projection, for Q, K and V in that order
+    calls = [0]
+    def reset(resid): calls[0] = 0
+    def on_norm(module, inputs, output):
+        letter = "QKV"[calls[0] % 3]
+        calls[0] += 1
+        return fn(letter, output)
+    return [self.add_hook(self.block_in(block), reset), self.model.blocks[block].ln1.register_forward_hook(on_norm)]
+
 # %% ../nbs/00a_model_adapter.ipynb #158bffa0
 def _norm_vjp(norm: nn.Module, x: t.Tensor, u: t.Tensor) -> t.Tensor:
     "uᵀ · ∂norm(x)/∂x, for x broadcast against u `[head, ..., d]`."
@@ -190,7 +204,7 @@ def _norm_vjp(norm: nn.Module, x: t.Tensor, u: t.Tensor) -> t.Tensor:
     if kind not in ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre"):
         with t.enable_grad():
             inputs = x.detach().expand(u.shape).clone().requires_grad_(True)
-            return t.autograd.grad(norm(inputs), inputs, u)[0]
+            return t.autograd.grad(norm.forward(inputs), inputs, u)[0]  # forward: the module's hooks are not for these
     centred = kind.startswith("LayerNorm")
     if centred: x = x - x.mean(-1, keepdim=True)
     scale = (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()

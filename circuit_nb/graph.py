@@ -150,12 +150,21 @@ def _mask_grad(grad: Tensor, patch: Tensor, currs: Sequence[Tensor], width: int)
     from_currs = t.cat([_times_t(grad, _rows(c, width)) for c in currs], dim=-1)
     return _times_t(grad, _rows(patch, width)) - from_currs
 
+def _uniform_value(mask: Tensor) -> Optional[float]:
+    "The value of every mask entry, when they are all the same (integrated gradients, `set_all_masks`); else None."
+    first = mask.reshape(-1)[0]
+    return float(first) if bool((mask == first).all()) else None
+
 class MaskedSum(t.autograd.Function):
     "Σ_src mask · (patch − curr) for masks `[groups, head, src]`: `[groups, head, width]`."
     @staticmethod
     def forward(ctx, mask, width, patch, *currs):
-        ctx.width = width
+        ctx.width, ctx.uniform = width, _uniform_value(mask)
         ctx.save_for_backward(mask, patch, *currs)
+        if ctx.uniform is not None:  # every head gets c · Σ_src (patch − curr): one row, shared
+            total = _rows(patch, width).sum(1)
+            for c in currs: total = total - _rows(c, width).sum(1)
+            return (ctx.uniform * total).unsqueeze(1).expand(*mask.shape[:2], width)
         out = _times(mask, _rows(patch, width))
         start = 0
         for c in currs:
@@ -168,15 +177,19 @@ class MaskedSum(t.autograd.Function):
         mask, patch, *currs = ctx.saved_tensors
         need, width = ctx.needs_input_grad, ctx.width
         grad_mask = _mask_grad(grad, patch, currs, width) if need[0] else None
+        head_sum = None if ctx.uniform is None else ctx.uniform * grad.sum(1, keepdim=True)
+        def per_src(piece, rows, sign=1):  # [groups, n, width]: ± mask piece transposed times grad
+            if ctx.uniform is None: return t.bmm(piece.transpose(1, 2), grad).mul_(sign)
+            return (head_sum if sign == 1 else -head_sum).expand(-1, rows, -1)
         grad_patch = None
         if need[2]:
-            summed = _times(mask.transpose(1, 2), grad)  # [groups, src, width]
+            summed = per_src(mask, patch.shape[0])  # [groups, src, width]
             if _rows(patch, width).shape[0] == 1: summed = summed.sum(0, keepdim=True)
             grad_patch = summed.transpose(0, 1).reshape(patch.shape)
         grad_currs, start = [], 0
         for c, needed in zip(currs, need[3:]):
-            piece = mask[..., start:start + c.shape[0]].transpose(1, 2)
-            grad_currs.append(-t.bmm(piece, grad).transpose(0, 1).reshape(c.shape) if needed else None)
+            piece = mask[..., start:start + c.shape[0]]
+            grad_currs.append(per_src(piece, c.shape[0], -1).transpose(0, 1).reshape(c.shape) if needed else None)
             start += c.shape[0]
         return (grad_mask, None, grad_patch, *grad_currs)
 
@@ -240,6 +253,7 @@ class PatchState:
         self.dropout_p = 0.0
         self.src_ranges: List[Tuple[int, int]] = []  # the src_idx range of each source wrapper, by position
         self.stages: Dict[int, list] = {}  # block -> destinations whose patches are computed together there
+        self.projected_by: Dict[Tuple[int, str], nn.Module] = {}  # (block, letter) -> the destination patching that projection
         self._spare: Optional[Tensor] = None  # the last pass's difference buffer, reused when shapes match
         self._spare_delta: Optional[Tensor] = None  # the buffer stages write into without autograd
         self.end_pass()
@@ -457,8 +471,18 @@ def _patch_projected(self: PatchWrapper, letter: str, projection: Tensor) -> Ten
         state.head_inputs[self] = heads, inputs
     heads, inputs = state.head_inputs[self]
     new = adapter.project_head_inputs(block, letter, inputs, heads)  # [groups, head, per group, seq, d_head]
-    new = new.permute(0, 2, 3, 1, 4).reshape(*projection.shape[:2], -1, projection.shape[-1])
+    new = new.permute(0, 2, 3, 1, 4).reshape(*x.shape[:2], -1, new.shape[-1])  # (projection may be empty: see below)
     return new if heads is None else projection.index_copy(2, heads, new)
+
+def _skip_replaced(state: PatchState, block: int, letter: str, normalized: Tensor) -> Optional[Tensor]:
+    "An empty batch in place of the normalised input of a projection that patching will replace entirely, so that the model skips it."
+    w = state.projected_by.get((block, letter))
+    if w is None or state.patch_src_outs is None or block not in state.block_inputs: return None
+    x = state.block_inputs[block]
+    if not _patch_operands(w, x).any(): return None
+    if w not in state.partial and w not in state.head_inputs: _run_stage(state, block, x)
+    heads = (state.head_inputs[w] if w in state.head_inputs else state.partial[w])[0]
+    return normalized[:0] if heads is None else None
 
 # %% ../nbs/01_graph.ipynb #60faf91a
 class _Patching:
@@ -513,6 +537,8 @@ def make_model_patchable(model: HookedTransformer, # the model to wrap, in place
                 for w in wrappers if w.projected for letter in w.projected[1]]
     handles += [adapter.add_hook(adapter.block_in(b), partial(state.record_block_input, b))
                 for b in sorted({p[0] for p in projected.values()})]
+    state.projected_by = {(w.projected[0], letter): w for w in wrappers if w.projected for letter in w.projected[1]}
+    for b in sorted({p[0] for p in projected.values()}): handles += adapter.hook_projection_inputs(b, partial(_skip_replaced, state, b))
     return _Patching(wrappers, state, handles, saved_flags, adapter)
 
 def _plan_stages(state: PatchState, dests: List[PatchWrapper]):
