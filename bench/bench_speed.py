@@ -5,11 +5,12 @@
 Workload: a GPT-2-small-shaped HookedTransformer built from a config (12 layers x 12 heads, d_model 768,
 vocab 50,257, random weights), 2 batches x 8 prompts x 16 tokens. The floor: the same model unwrapped doing a
 forward pass on the corrupt prompts plus a forward and backward pass on the clean ones (gradient to the
-embeddings). Every time is the best of --repeats runs; every ratio compares two times taken in this run.
+embeddings). Every time is the best of --repeats runs; the two sides of each ratio are run alternately, so that the
+machine's slow spells (it is shared) fall on both alike.
 Peak memory is the growth of the process's peak resident set (VmHWM, reset before each measurement) on the
 CPU, or of torch's peak allocation on CUDA.
 """
-import argparse, os, platform, sys, time, warnings
+import argparse, copy, os, platform, sys, time, warnings
 from pathlib import Path
 
 import torch as t
@@ -53,15 +54,18 @@ class Meter:
     def _peak(self):
         return t.cuda.max_memory_allocated() if self.device == "cuda" else _status("VmHWM")
 
-    def __call__(self, fn):
-        print(f"measuring {fn.__name__} ...", file=sys.stderr, flush=True)
-        fn(); self._sync()  # warm-up
-        times, peaks = [], []
-        for _ in range(self.repeats):
-            base = self._reset_peak()
-            start = time.perf_counter(); fn(); self._sync()
-            times.append(time.perf_counter() - start); peaks.append(self._peak() - base)
-        return min(times), max(min(peaks), 1)
+    def measure(self, fn):
+        "Wall time and peak memory growth of one call of `fn`."
+        base = self._reset_peak()
+        start = time.perf_counter(); fn(); self._sync()
+        return time.perf_counter() - start, self._peak() - base
+
+    def __call__(self, *fns):
+        "Best-of-n time and peak of each of `fns`, their runs interleaved so that a slow spell of the machine hits all alike."
+        print(f"measuring {', '.join(f.__name__ for f in fns)} ...", file=sys.stderr, flush=True)
+        for fn in fns: fn(); self._sync()  # warm-up
+        runs = [[self.measure(fn) for fn in fns] for _ in range(self.repeats)]
+        return [(min(r[i][0] for r in runs), max(min(r[i][1] for r in runs), 1)) for i in range(len(fns))]
 
 
 def _status(field):
@@ -87,18 +91,16 @@ def main():
     start = time.perf_counter(); graph_edges(model, factorized=True, seq_len=16)
     rows.append(("build GPT-2-small graph, seq_len=16 (519,856 edges)", time.perf_counter() - start, None, "<= 0.5 s", "s"))
 
+    reference = copy.deepcopy(model)  # the floor and plain forwards run on an unwrapped twin, alongside the wrapped model
     def embed_requires_grad(x, hook): return x.detach().requires_grad_(True)
     def floor():
         for b in loader:
-            with t.no_grad(): model(b.corrupt)
-            logits = model.run_with_hooks(b.clean, fwd_hooks=[("hook_embed", embed_requires_grad)])[:, -1]
+            with t.no_grad(): reference(b.corrupt)
+            logits = reference.run_with_hooks(b.clean, fwd_hooks=[("hook_embed", embed_requires_grad)])[:, -1]
             (logits.gather(1, b.answers) - logits.gather(1, b.wrong_answers)).mean().backward()
     def plain_forward():
         with t.no_grad():
-            for b in loader: model(b.clean)
-    floor_time, floor_mem = meter(floor)
-    plain_time, plain_mem = meter(plain_forward)
-
+            for b in loader: reference(b.clean)
     pm = patchable_model(model, factorized=True, slice_output="last_seq", device=t.device(dev))
     def eap(): mask_gradient_prune_scores(pm, loader, None, "logit", "avg_diff", mask_val=0.0)
     def ig(): mask_gradient_prune_scores(pm, loader, None, "logit", "avg_diff", integrated_grad_samples=args.ig_samples)
@@ -110,17 +112,19 @@ def main():
     scores = {n: t.randn(s.shape, generator=t.Generator().manual_seed(0)).to(dev) for n, s in pm.new_prune_scores().items()}
     counts = [round(pm.n_edges * f) for f in t.linspace(0, 1, 20).tolist()]
     def twenty_circuits(): run_circuits(pm, loader, counts, scores)
+    def twenty_plain_forwards():
+        for _ in range(20): plain_forward()
 
-    eap_time, eap_mem = meter(eap)
-    ig_time, _ = meter(ig)
-    patched_time, _ = meter(patched_forward)
-    circuits_time, _ = meter(twenty_circuits)
+    (floor_time, floor_mem), (eap_time, eap_mem) = meter(floor, eap)
+    (ig_time, _), (eap_time_2, _) = meter(ig, eap)
+    (patched_time, _), (plain_time, _) = meter(patched_forward, plain_forward)
+    (circuits_time, _), (plain_20_time, _) = meter(twenty_circuits, twenty_plain_forwards)
     n = args.ig_samples
     rows += [("edge attribution patching (mask gradients, mask_val=0) / floor", eap_time, eap_time / floor_time, "<= 1.5", "x"),
              ("  its peak memory / the floor's", None, eap_mem / floor_mem, "<= 1.5", "x"),
-             (f"integrated gradients, {n} samples / ((n+1) x EAP)", ig_time, ig_time / ((n + 1) * eap_time), "<= 1.1", "x"),
+             (f"integrated gradients, {n} samples / ((n+1) x EAP)", ig_time, ig_time / ((n + 1) * eap_time_2), "<= 1.1", "x"),
              ("patched forward, all masks 0 / plain forward", patched_time, patched_time / plain_time, "<= 1.3", "x"),
-             ("20 circuit sizes / 20 plain forwards", circuits_time, circuits_time / (20 * plain_time), "<= 1.0", "x")]
+             ("20 circuit sizes / 20 plain forwards", circuits_time, circuits_time / plain_20_time, "<= 1.0", "x")]
     pm.unwrap()
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {t.__version__}, device {dev}" + \
