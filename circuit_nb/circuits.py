@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .data import (BatchKey, PromptDataLoader, batch_answer_diffs, batch_avg_answer_val, batch_src_ablations,
                              correct_answer_proportion, multibatch_kl_div)
-from .graph import PatchableModel, draw_graph, out_slice_logits, patch_mode, set_mask_batch_size
+from .graph import PatchableModel, draw_graph, out_slice_logits, patch_mode, reusing_buffers, set_mask_batch_size
 from .progress_bars import progress
 from .types import *
 
@@ -89,7 +89,7 @@ def run_circuits(model: PatchableModel, # the wrapped model
     ablations = batch_src_ablations(model, dataloader, ablation_type, clean_corrupt)
     outs: CircuitOutputs = {c: {} for c in counts}
     chunks = [counts[i:i + circuits_per_pass] for i in range(0, len(counts), circuits_per_pass)]
-    with t.no_grad():
+    with t.no_grad(), reusing_buffers(model):
         for batch in progress(dataloader, desc="circuits"):
             tokens = batch.clean if run_clean else batch.corrupt
             b = tokens.shape[0]

@@ -22,9 +22,10 @@ from .types import *
 
 # %% auto #0
 __all__ = ['HARD_CONCRETE_STRETCH', 'HARD_CONCRETE_TEMPERATURE', 'OUT_SLICES', 'EdgeSet', 'graph_edges', 'MaskedSum',
-           'UnchangedInput', 'hard_concrete', 'PatchState', 'PatchWrapper', 'make_model_patchable', 'PatchableModel',
-           'patchable_model', 'patch_mode', 'source_outputs', 'set_all_masks', 'set_masks', 'train_mask_mode',
-           'mask_fn_mode', 'set_mask_batch_size', 'out_slice_logits', 'edge_counts_util', 'draw_graph']
+           'UnchangedInput', 'hard_concrete', 'PatchState', 'PatchWrapper', 'MixedInput', 'make_model_patchable',
+           'PatchableModel', 'patchable_model', 'patch_mode', 'reusing_buffers', 'source_outputs', 'set_all_masks',
+           'set_masks', 'train_mask_mode', 'mask_fn_mode', 'set_mask_batch_size', 'out_slice_logits',
+           'edge_counts_util', 'draw_graph']
 
 # %% ../nbs/01_graph.ipynb #3f864b96
 def _factorized_nodes(adapter: TransformerLensAdapter, separate_qkv: bool) -> Tuple[List[SrcNode], List[DestNode]]:
@@ -214,7 +215,7 @@ def _zero_mask_grad(grad: Tensor, # [head, batch, seq, d_model]: the gradient at
     return t.einsum("hGgsm,kGgsm->Gshk", grouped, _differences(patch, currs, groups))
 
 class UnchangedInput(t.autograd.Function):
-    "A destination whose masks are all 0: its activation returned as is, with the mask gradient through `input_vjp`."
+    "A destination's activation returned as is (its masks are 0, or it was patched already), with the mask gradient through `input_vjp`."
     @staticmethod
     def forward(ctx, input_vjp, activation, mask4, patch, *currs):
         ctx.input_vjp = input_vjp  # activation gradient -> gradient at each head's input [head, batch, seq, d_model]
@@ -256,6 +257,8 @@ class PatchState:
         self.projected_by: Dict[Tuple[int, str], nn.Module] = {}  # (block, letter) -> the destination patching that projection
         self._spare: Optional[Tensor] = None  # the last pass's difference buffer, reused when shapes match
         self._spare_delta: Optional[Tensor] = None  # the buffer stages write into without autograd
+        self.sources_sum_to_stream = False  # each destination's sources add up to its input (factorized graphs)
+        self.keep_buffers = 0  # while > 0 (`reusing_buffers`), leaving patch mode keeps the buffers above
         self.end_pass()
 
     @property
@@ -275,9 +278,10 @@ def start_pass(self: PatchState, x: Tensor):
     self.block_inputs = block_inputs
     if self.patch_src_outs is not None and not t.is_grad_enabled():
         shape = (self.n_srcs, *x.shape)
-        spare = self._spare
-        reuse = spare is not None and spare.shape == shape and spare.dtype == x.dtype and spare.device == x.device
-        self.diff_buffer = self._spare = spare if reuse else x.new_empty(shape)
+        spare = self._spare  # a smaller pass (a last, short batch) takes the front of a larger buffer
+        reuse = spare is not None and spare.numel() >= math.prod(shape) and spare.dtype == x.dtype and spare.device == x.device
+        if not reuse: spare = self._spare = x.new_empty(math.prod(shape))
+        self.diff_buffer = spare[:math.prod(shape)].view(shape)
 
 @patch
 def end_pass(self: PatchState):
@@ -288,11 +292,14 @@ def end_pass(self: PatchState):
     self.masks: Dict[nn.Module, Tensor] = {}  # destination -> its effective masks in this pass
     self.partial: Dict[nn.Module, Tuple] = {}  # destination -> (heads, the part of its patch its stage computed)
     self.head_inputs: Dict[nn.Module, Tuple] = {}  # projected destination -> (heads, its patched per-head inputs)
+    self.diff_sums: Dict[int, Tensor] = {}  # hi -> Σ of patch − curr over sources 0 to hi − 1
+    self.uniform_inputs: Dict[nn.Module, Tensor] = {}  # destination -> its input, when all its masks are one value
 
 @patch
 def release(self: PatchState):
-    "Forget the last pass and free the buffer kept for the next."
-    self.end_pass(); self._spare = self._spare_delta = None
+    "Forget the last pass and free the buffers kept for the next, unless asked to keep them."
+    self.end_pass()
+    if not self.keep_buffers: self._spare = self._spare_delta = None
 
 @patch
 def record_block_input(self: PatchState, block: int, x: Tensor):
@@ -322,6 +329,22 @@ def delta(self: PatchState, mask4: Tensor, lo: int, hi: int,
             spare = self._spare_delta = diffs.new_empty(math.prod(shape))
         out = spare[:math.prod(shape)].view(groups, heads, -1)
     return t.bmm(mask4.reshape(groups, heads, srcs), _rows(diffs, math.prod(shape[2:])), out=out).view(shape)
+
+@patch
+def diff_sum(self: PatchState, hi: int, dtype) -> Tensor:
+    "Σ over sources 0 to `hi − 1` of patch − curr, `[batch, seq, d_model]`, without autograd: the longest sum already taken, extended."
+    done = max((k for k in self.diff_sums if k <= hi), default=0)
+    total = self.diff_sums.get(done)
+    if done == hi: return total
+    with t.no_grad():
+        if self.diff_buffer is not None: part = self.diff_buffer[done:hi].sum(0)
+        else:
+            patch, currs = self.operands(done, hi, dtype)
+            part = patch.sum(0).repeat(currs[0].shape[1] // patch.shape[1], 1, 1)  # ablations given once per group
+            for c in currs: part -= c.sum(0)
+        total = part if total is None else total + part
+    self.diff_sums[hi] = total
+    return total
 
 # %% ../nbs/01_graph.ipynb #59bfee4c
 class PatchWrapper(nn.Module):
@@ -417,11 +440,12 @@ def _patch_operands(self: PatchWrapper, x: Tensor, sources_ran: bool = True) -> 
 
 def _patch(self: PatchWrapper, x: Tensor) -> Tensor:
     mask4 = _patch_operands(self, x)
-    if not mask4.any():
-        if not mask4.requires_grad: return x
+    unchanged = x if not mask4.any() else _uniform_input(self, x, mask4)  # patched already, or not at all
+    if unchanged is not None:
+        if not mask4.requires_grad: return unchanged
         heads_first = (lambda g: g.permute(2, 0, 1, 3)) if self.n_heads else (lambda g: g.unsqueeze(0))
         patch, currs = self.state.operands(*self.in_srcs, x.dtype)
-        return UnchangedInput.apply(heads_first, x, mask4, patch, *currs)
+        return UnchangedInput.apply(heads_first, unchanged, mask4, patch, *currs)
     lo, hi = self.in_srcs
     _, early = self.state.partial.pop(self, (None, None))
     if early is None: delta = self.state.delta(mask4, lo, hi)  # [groups, head, per group, seq, d_model]
@@ -431,6 +455,36 @@ def _patch(self: PatchWrapper, x: Tensor) -> Tensor:
         delta = early if rest is None else early + rest if t.is_grad_enabled() else early.add_(rest)
     if self.n_heads: delta = delta.permute(0, 2, 3, 1, 4)
     return x + delta.reshape(x.shape)
+
+# %% ../nbs/01_graph.ipynb #b23713f7
+class MixedInput(t.autograd.Function):
+    "`x + shift`, the gradient reaching `x` scaled by `keep` (the part of `x` a uniform patch leaves)."
+    @staticmethod
+    def forward(ctx, x, shift, keep):
+        ctx.keep = keep
+        return x + shift
+
+    @staticmethod
+    def backward(ctx, grad): return grad * ctx.keep, None, None
+
+def _shared_mask_value(self: PatchWrapper, mask4: Tensor) -> Optional[float]:
+    "The one value c ≠ 0 of all this destination's masks, when its input can be patched as a mix; else None."
+    state = self.state
+    if not state.sources_sum_to_stream or self.in_srcs[0] != 0 or state.patch_src_outs.requires_grad: return None
+    return _uniform_value(mask4) or None
+
+def _uniform_input(self: PatchWrapper, x: Tensor, # the destination's activation (a projected one: its block's input)
+                   mask4: Tensor) -> Optional[Tensor]:
+    "The input every head of this destination reads when its masks are one value c ≠ 0, else None."
+    state = self.state
+    if self in state.uniform_inputs: return state.uniform_inputs[self]
+    c = _shared_mask_value(self, mask4)
+    if c is None: return None
+    shift = c * state.diff_sum(self.in_srcs[1], x.dtype)  # [batch, seq, d_model]
+    if x.ndim == 4: shift = shift.unsqueeze(2)  # split per-head inputs share it
+    mixed = MixedInput.apply(x, shift, 1 - c) if t.is_grad_enabled() and x.requires_grad else x + shift
+    state.uniform_inputs[self] = mixed
+    return mixed
 
 # %% ../nbs/01_graph.ipynb #40ef3111
 def _changed_heads(mask4: Tensor) -> Optional[Tensor]:
@@ -443,7 +497,7 @@ def _run_stage(state: PatchState, block: int, x: Tensor):
     members, stacked = [], []
     for w in state.stages[block]:
         mask4 = _patch_operands(w, x, sources_ran=w.projected is not None)  # later destinations' own sources come later
-        if not mask4.any(): continue  # nothing to add: the destination handles itself
+        if not mask4.any() or _shared_mask_value(w, mask4): continue  # the destination handles itself
         heads = None if mask4.requires_grad or not w.projected else _changed_heads(mask4)
         part = mask4[..., :w.stage[1] - w.in_srcs[0]]
         members.append((w, heads))
@@ -458,9 +512,10 @@ def _patch_projected(self: PatchWrapper, letter: str, projection: Tensor) -> Ten
     block = self.projected[0]
     x = state.block_inputs[block]  # [batch, seq, d_model]: every head's input before patching
     mask4 = _patch_operands(self, x)
-    if not mask4.any():
+    mixed = state.uniform_inputs.get(self)  # the model projected the patched input itself (see `_projection_input`)
+    if mixed is not None or not mask4.any():
         if not mask4.requires_grad: return projection
-        vjp = partial(adapter.head_input_vjp, block, letter, x)
+        vjp = partial(adapter.head_input_vjp, block, letter, x if mixed is None else mixed.detach())
         patch, currs = state.operands(*self.in_srcs, x.dtype)
         return UnchangedInput.apply(vjp, projection, mask4, patch, *currs)
     if self not in state.head_inputs:  # a shared input feeds Q, K and V: patch it once
@@ -474,12 +529,15 @@ def _patch_projected(self: PatchWrapper, letter: str, projection: Tensor) -> Ten
     new = new.permute(0, 2, 3, 1, 4).reshape(*x.shape[:2], -1, new.shape[-1])  # (projection may be empty: see below)
     return new if heads is None else projection.index_copy(2, heads, new)
 
-def _skip_replaced(state: PatchState, block: int, letter: str, normalized: Tensor) -> Optional[Tensor]:
-    "An empty batch in place of the normalised input of a projection that patching will replace entirely, so that the model skips it."
+def _projection_input(state: PatchState, block: int, letter: str, normalized: Tensor) -> Optional[Tensor]:
+    "What a projection reads in place of its normalised input: the patched input when all heads share it; an empty batch when patching will replace it entirely, so that the model skips it."
     w = state.projected_by.get((block, letter))
     if w is None or state.patch_src_outs is None or block not in state.block_inputs: return None
     x = state.block_inputs[block]
-    if not _patch_operands(w, x).any(): return None
+    mask4 = _patch_operands(w, x)
+    if not mask4.any(): return None
+    mixed = _uniform_input(w, x, mask4)
+    if mixed is not None: return state.adapter.normalize_head_input(block, mixed)
     if w not in state.partial and w not in state.head_inputs: _run_stage(state, block, x)
     heads = (state.head_inputs[w] if w in state.head_inputs else state.partial[w])[0]
     return normalized[:0] if heads is None else None
@@ -517,6 +575,7 @@ def make_model_patchable(model: HookedTransformer, # the model to wrap, in place
     dest_of = {}
     for d in dest_nodes: dest_of.setdefault(d.module_name, d)
     state = PatchState(len(src_nodes), seq_len, adapter)
+    state.sources_sum_to_stream = factorized
     heads = lambda name: adapter.n_heads if any(n.head_idx is not None for n in nodes if n.module_name == name) else None
     module_names = sorted(set(src_ranges) | set(dest_of), key=lambda m: (_first_use(m, src_ranges, dest_of)))
     projected = {m: adapter.head_in_letters(m) for m in dest_of} if adapter.projects_head_inputs else {}
@@ -538,7 +597,7 @@ def make_model_patchable(model: HookedTransformer, # the model to wrap, in place
     handles += [adapter.add_hook(adapter.block_in(b), partial(state.record_block_input, b))
                 for b in sorted({p[0] for p in projected.values()})]
     state.projected_by = {(w.projected[0], letter): w for w in wrappers if w.projected for letter in w.projected[1]}
-    for b in sorted({p[0] for p in projected.values()}): handles += adapter.hook_projection_inputs(b, partial(_skip_replaced, state, b))
+    for b in sorted({p[0] for p in projected.values()}): handles += adapter.hook_projection_inputs(b, partial(_projection_input, state, b))
     return _Patching(wrappers, state, handles, saved_flags, adapter)
 
 def _plan_stages(state: PatchState, dests: List[PatchWrapper]):
@@ -692,6 +751,17 @@ def patch_mode(model: PatchableModel, # the wrapped model
         finally:
             state.patch_src_outs, state.capture = saved_state
             state.release()
+
+@contextmanager
+def reusing_buffers(model: PatchableModel):
+    "Keep the buffers of patching without autograd from one `patch_mode` to the next (a loop over batches); free them on exit."
+    state = model.patch_state
+    state.keep_buffers += 1
+    try: yield model
+    finally:
+        state.keep_buffers -= 1
+        state.release()
+
 
 # %% ../nbs/01_graph.ipynb #73491206
 def source_outputs(model: PatchableModel, # the wrapped model
