@@ -17,8 +17,9 @@ from .progress_bars import progress
 from .types import *
 
 # %% auto #0
-__all__ = ['CircuitOutputs', 'FAITHFULNESS_MEASURES', 'MIB_FRACTIONS', 'PatchType', 'edge_ranks', 'circuit_edges', 'run_circuits',
-           'faithfulness_curves', 'curve_area', 'mib_faithfulness', 'plot_faithfulness', 'plot_roc', 'CircuitExplorer']
+__all__ = ['CircuitOutputs', 'PROMPTS_PER_PASS', 'FAITHFULNESS_MEASURES', 'MIB_FRACTIONS', 'PatchType', 'edge_ranks',
+           'circuit_edges', 'run_circuits', 'faithfulness_curves', 'curve_area', 'mib_faithfulness',
+           'plot_faithfulness', 'plot_roc', 'CircuitExplorer']
 
 # %% ../nbs/08_circuits.ipynb #64116b6e
 class PatchType(Enum):
@@ -69,6 +70,14 @@ def _circuit_masks(ranks: PruneScores, counts: Tensor, patch_type: PatchType, dt
     return masks
 
 # %% ../nbs/08_circuits.ipynb #8e23b731
+PROMPTS_PER_PASS = 16  # beyond this, a pass's larger activations cost more (in page faults) than batching saves, on the CPU
+
+def _chunks(counts: List[int], most: int) -> List[List[int]]:
+    "`counts` in as few consecutive chunks of at most `most` as possible, of nearly equal sizes."
+    n = -(-len(counts) // most)
+    bounds = [round(i * len(counts) / n) for i in range(n + 1)]
+    return [counts[a:b] for a, b in zip(bounds, bounds[1:])]
+
 def run_circuits(model: PatchableModel, # the wrapped model
                  dataloader: PromptDataLoader, # the prompts to run
                  test_edge_counts: Sequence[int], # circuit sizes (numbers of edges), e.g. from `edge_counts_util`
@@ -76,24 +85,24 @@ def run_circuits(model: PatchableModel, # the wrapped model
                  patch_type: PatchType = PatchType.EDGE_PATCH, # ablate the rest (EDGE) or restore the circuit (TREE)
                  ablation_type: AblationType = AblationType.RESAMPLE, # what an ablated edge carries
                  reverse_clean_corrupt: bool = False, # swap the roles of the clean and corrupt prompts
-                 circuits_per_pass: int = 8, # how many circuits share one forward pass
+                 circuits_per_pass: Optional[int] = None, # circuits sharing one forward pass (None: enough for `PROMPTS_PER_PASS` prompts)
                 ) -> CircuitOutputs:
     "The model's outputs (at `model.out_slice`) for the circuit of each size in `test_edge_counts`, on every batch."
     counts = sorted(set(int(c) for c in test_edge_counts))
     if not counts or counts[0] < 0 or counts[-1] > model.n_edges:
         raise ValueError(f"test_edge_counts must be counts in [0, {model.n_edges}], not {list(test_edge_counts)}")
-    if not isinstance(circuits_per_pass, int) or circuits_per_pass < 1: raise ValueError("circuits_per_pass must be a positive int")
+    if circuits_per_pass is not None and (not isinstance(circuits_per_pass, int) or circuits_per_pass < 1):
+        raise ValueError(f"circuits_per_pass must be a positive int or None, not {circuits_per_pass!r}")
     ranks = edge_ranks(model, prune_scores)
     run_clean = (patch_type == PatchType.EDGE_PATCH) != reverse_clean_corrupt
     clean_corrupt = ("corrupt" if run_clean else "clean") if ablation_type.takes_clean_corrupt else None
     ablations = batch_src_ablations(model, dataloader, ablation_type, clean_corrupt)
     outs: CircuitOutputs = {c: {} for c in counts}
-    chunks = [counts[i:i + circuits_per_pass] for i in range(0, len(counts), circuits_per_pass)]
     with t.no_grad(), reusing_buffers(model):
         for batch in progress(dataloader, desc="circuits"):
             tokens = batch.clean if run_clean else batch.corrupt
             b = tokens.shape[0]
-            for chunk in chunks:
+            for chunk in _chunks(counts, circuits_per_pass or max(1, PROMPTS_PER_PASS // b)):
                 m = len(chunk)
                 masks = _circuit_masks(ranks, t.tensor(chunk), patch_type, model.cfg.dtype)
                 # one group of masks per circuit, over the prompts repeated once per circuit: the ablation values are shared

@@ -153,6 +153,7 @@ def _mask_grad(grad: Tensor, patch: Tensor, currs: Sequence[Tensor], width: int)
 
 def _uniform_value(mask: Tensor) -> Optional[float]:
     "The value of every mask entry, when they are all the same (integrated gradients, `set_all_masks`); else None."
+    mask = mask.detach()
     first = mask.reshape(-1)[0]
     return float(first) if bool((mask == first).all()) else None
 
