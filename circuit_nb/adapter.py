@@ -201,7 +201,6 @@ def normalize_head_input(self: TransformerLensAdapter, block, resid: t.Tensor) -
     "`ln1(resid)` as block `block`'s projections read it: a replacement for `hook_projection_inputs` to hand them."
     return self.model.blocks[block].ln1.forward(resid)  # forward: the module's own hooks are patching's
 
-
 # %% ../nbs/00a_model_adapter.ipynb #158bffa0
 def _norm_vjp(norm: nn.Module, x: t.Tensor, u: t.Tensor) -> t.Tensor:
     "uᵀ · ∂norm(x)/∂x, for x broadcast against u `[head, ..., d]`."

@@ -247,7 +247,8 @@ def hard_concrete(log_alpha: Tensor, # the gate's location parameter (the learne
 # %% ../nbs/01_graph.ipynb #95e31791
 class PatchState:
     "What the wrappers of one model share: ablation values, this forward pass's source outputs, mask options."
-    def __init__(self, n_srcs: int, seq_len: Optional[int], adapter: TransformerLensAdapter):
+    def __init__(self, n_srcs: int, seq_len: Optional[int], adapter: TransformerLensAdapter,
+                 sources_sum_to_stream: bool = False): # each destination's sources add up to its input (factorized graphs)
         self.n_srcs, self.seq_len, self.adapter, self.model = n_srcs, seq_len, adapter, adapter.model
         self.patch_src_outs: Optional[Tensor] = None  # [n_srcs, batch, seq, d_model] while patching
         self.capture: Optional[Tensor] = None  # where to copy source outputs, when asked
@@ -258,7 +259,7 @@ class PatchState:
         self.projected_by: Dict[Tuple[int, str], nn.Module] = {}  # (block, letter) -> the destination patching that projection
         self._spare: Optional[Tensor] = None  # the last pass's difference buffer, reused when shapes match
         self._spare_delta: Optional[Tensor] = None  # the buffer stages write into without autograd
-        self.sources_sum_to_stream = False  # each destination's sources add up to its input (factorized graphs)
+        self.sources_sum_to_stream = sources_sum_to_stream  # lets masks of one value patch inputs as a mix
         self.keep_buffers = 0  # while > 0 (`reusing_buffers`), leaving patch mode keeps the buffers above
         self.end_pass()
 
@@ -279,10 +280,10 @@ def start_pass(self: PatchState, x: Tensor):
     self.block_inputs = block_inputs
     if self.patch_src_outs is not None and not t.is_grad_enabled():
         shape = (self.n_srcs, *x.shape)
-        spare = self._spare  # a smaller pass (a last, short batch) takes the front of a larger buffer
-        reuse = spare is not None and spare.numel() >= math.prod(shape) and spare.dtype == x.dtype and spare.device == x.device
-        if not reuse: spare = self._spare = x.new_empty(math.prod(shape))
-        self.diff_buffer = spare[:math.prod(shape)].view(shape)
+        size, spare = math.prod(shape), self._spare  # a smaller pass (a last, short batch) takes the front of a larger buffer
+        reuse = spare is not None and spare.numel() >= size and spare.dtype == x.dtype and spare.device == x.device
+        if not reuse: spare = self._spare = x.new_empty(size)
+        self.diff_buffer = spare[:size].view(shape)
 
 @patch
 def end_pass(self: PatchState):
@@ -575,8 +576,7 @@ def make_model_patchable(model: HookedTransformer, # the model to wrap, in place
         lo_hi[1] = s.src_idx + 1
     dest_of = {}
     for d in dest_nodes: dest_of.setdefault(d.module_name, d)
-    state = PatchState(len(src_nodes), seq_len, adapter)
-    state.sources_sum_to_stream = factorized
+    state = PatchState(len(src_nodes), seq_len, adapter, sources_sum_to_stream=factorized)
     heads = lambda name: adapter.n_heads if any(n.head_idx is not None for n in nodes if n.module_name == name) else None
     module_names = sorted(set(src_ranges) | set(dest_of), key=lambda m: (_first_use(m, src_ranges, dest_of)))
     projected = {m: adapter.head_in_letters(m) for m in dest_of} if adapter.projects_head_inputs else {}
@@ -762,7 +762,6 @@ def reusing_buffers(model: PatchableModel):
     finally:
         state.keep_buffers -= 1
         state.release()
-
 
 # %% ../nbs/01_graph.ipynb #73491206
 def source_outputs(model: PatchableModel, # the wrapped model
