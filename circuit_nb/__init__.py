@@ -8,6 +8,7 @@ __all__ = []
 
 # %% ../nbs/99_api.ipynb #fc5044ba
 from .types import *
+from .checks import *
 from .adapter import *
 from .progress_bars import *
 from .graph import *
@@ -19,8 +20,8 @@ from .evaluate import *
 from .circuits import *
 from .storage import *
 from .zoo import *
-from . import types, adapter, progress_bars, graph, data, mask_gradients, edge_attribution_patching
+from . import types, checks, adapter, progress_bars, graph, data, mask_gradients, edge_attribution_patching
 from . import subnetwork_probing, evaluate, circuits, storage, zoo
 
-__all__ = [name for module in (types, adapter, progress_bars, graph, data, mask_gradients, edge_attribution_patching,
+__all__ = [name for module in (types, checks, adapter, progress_bars, graph, data, mask_gradients, edge_attribution_patching,
                                   subnetwork_probing, evaluate, circuits, storage, zoo) for name in module.__all__]
