@@ -14,7 +14,20 @@ from torch.utils.data import RandomSampler
 from .types import PruneScores, check_option
 
 # %% auto #0
-__all__ = ['check_int', 'check_number', 'check_finite', 'check_prune_scores', 'check_tokens', 'check_loader']
+__all__ = ['check_patchable', 'check_int', 'check_number', 'check_finite', 'check_prune_scores', 'check_tokens', 'check_loader']
+
+# %% ../nbs/00c_checks.ipynb #093ff8a8
+def check_patchable(model, # what the caller passed as the wrapped model
+                    name: str = "model", # the argument's name, for the message
+                   ):
+    "`model` if it is a `PatchableModel` that is still wrapped; a `TypeError` (or `RuntimeError`, once unwrapped) naming `name` otherwise."
+    from circuit_nb.graph import PatchableModel  # the graph builds on these checks
+    if not isinstance(model, PatchableModel):
+        raise TypeError(f"{name} must be a PatchableModel, not {type(model).__name__}: wrap the model first, "
+                        "e.g. `pm = patchable_model(model, factorized=True)`, and pass `pm`")
+    if getattr(model, "_patching", True) is None:
+        raise RuntimeError(f"{name} was unwrapped (.unwrap()); wrap the model again with `patchable_model`")
+    return model
 
 # %% ../nbs/00c_checks.ipynb #823c66e8
 def check_int(name: str, # the parameter's name, for the message
