@@ -25,9 +25,10 @@ from .types import check_option
 __all__ = ['ZOO_DIR', 'INDUCTION_BOS', 'INDUCTION_SHAPE', 'INDUCTION_FILE', 'ATTEND', 'LOGIT_SCALE', 'SELECT_FILLERS',
            'SELECT_RED', 'SELECT_BLUE', 'SELECT_ASK', 'SELECT_SEQ_LEN', 'SELECT_TRUE_EDGES', 'POINTER_FILLERS',
            'POINTER_GREEN', 'POINTER_YELLOW', 'POINTER_TO', 'POINTER_QUESTION', 'POINTER_SEQ_LEN', 'POINTER_TRUE_EDGES',
-           'induction_config', 'repeated_segment_batch', 'train_induction_model', 'repeat_accuracy', 'save_zoo_weights',
-           'zoo_metadata', 'load_zoo_weights', 'induction_model', 'induction_prompts', 'select_model', 'select_prompts',
-           'pointer_model', 'pointer_prompts', 'merge_qkv', 'list_tasks', 'ZooTask', 'load_task']
+           'NAMES', 'PLACES', 'OBJECTS', 'WORDS', 'NAMES_TASK_FILE', 'induction_config', 'repeated_segment_batch',
+           'train_induction_model', 'repeat_accuracy', 'save_zoo_weights', 'zoo_metadata', 'load_zoo_weights',
+           'induction_model', 'induction_prompts', 'select_model', 'select_prompts', 'pointer_model', 'pointer_prompts',
+           'merge_qkv', 'list_tasks', 'ZooTask', 'load_task', 'words_tokenizer', 'text_model', 'names_prompts']
 
 # %% ../nbs/06_zoo.ipynb #dee27ec2
 ZOO_DIR = Path(circuit_nb.__file__).parent / "zoo_files"  # the weight files shipped with the package
@@ -408,3 +409,48 @@ def load_task(name: str, # one of `list_tasks()`
     true_edges = spec.true_edges if spec.true_edges is None or separate_qkv else merge_qkv(spec.true_edges)
     return ZooTask(name, spec.description, model, loader(range(n_train)), loader(range(n_train, n_train + n_test)),
                    None if true_edges is None else set(true_edges), separate_qkv)
+
+# %% ../nbs/06_zoo.ipynb #44098193
+NAMES = ("mary", "john", "anna", "tom", "lisa", "paul", "kate", "mark")
+PLACES = ("the park", "the old market", "a small town by the river", "the shop", "the big house on the hill")
+OBJECTS = ("a ball", "a red book", "some flowers", "a drink", "an old map of the town")
+WORDS = ("<pad>", "<bos>", "when", "and", "went", "to", ",", "gave") + NAMES + tuple(sorted(
+    {w for phrase in PLACES + OBJECTS for w in phrase.split()}))  # the vocabulary: ids are positions here
+
+def words_tokenizer():
+    "A word-level `transformers` tokenizer of `WORDS` (pad id 0, BOS id 1), padding on the left, built offline."
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # add_bos_token=True: TransformerLens takes the tokenizer as it is, rather than reloading it from a hub name
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<bos>", pad_token="<pad>",
+                                   unk_token="<pad>", name_or_path="circuit_nb-words", add_bos_token=True,
+                                   padding_side="left")
+
+# %% ../nbs/06_zoo.ipynb #06238642
+def text_model(seed: int = 0, # seeds the random weights
+               **config, # overrides of the `HookedTransformerConfig` fields, e.g. n_layers=4
+              ) -> HookedTransformer:
+    "A small GPT-2-shaped `HookedTransformer` with random weights and `words_tokenizer()`, built offline."
+    cfg = dict(n_layers=2, d_model=32, n_ctx=32, d_head=8, n_heads=4, d_mlp=64, act_fn="gelu_new",
+               normalization_type="LN", d_vocab=len(WORDS), seed=seed, original_architecture="GPT2LMHeadModel")
+    model = HookedTransformer(HookedTransformerConfig(**{**cfg, **config}), tokenizer=words_tokenizer())
+    return model.eval()
+
+# %% ../nbs/06_zoo.ipynb #aabade79
+NAMES_TASK_FILE = "names_prompts.json"
+
+def names_prompts(n_prompts: int = 200, # how many clean/corrupt pairs
+                  seed: int = 0, # seeds the draws
+                 ) -> dict:
+    "Indirect-object prompts of different lengths in auto-circuit's JSON format: `{\"prompts\": [{\"clean\", \"corrupt\", \"answers\", \"wrong_answers\"}]}`."
+    g = t.Generator().manual_seed(seed)
+    draw = lambda options: options[int(t.randint(len(options), (1,), generator=g))]
+    prompts = []
+    for _ in range(n_prompts):
+        a, b, c, d = (NAMES[int(i)] for i in t.randperm(len(NAMES), generator=g)[:4])
+        place, obj = draw(PLACES), draw(OBJECTS)
+        text = lambda x, y: f"when {x} and {y} went to {place} , {y} gave {obj} to"
+        prompts.append(dict(clean=text(a, b), corrupt=text(c, d), answers=[a], wrong_answers=[b]))
+    return {"prompts": prompts}
