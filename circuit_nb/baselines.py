@@ -144,14 +144,15 @@ def plot_prune_score_similarities(task_prune_scores: TaskPruneScores, # task -> 
     return fig
 
 def _similarity_heatmap(ax, pairs: Dict[AlgoKey, Dict[AlgoKey, float]]):
-    "One method-by-method heatmap of overlaps, both halves filled, NaN blank, each cell labelled in percent."
+    "One method-by-method heatmap of overlaps, both halves filled, each cell labelled in percent, NaN as ties."
     algos = list(pairs)
     grid = t.full((len(algos), len(algos)), math.nan)
     for i, a in enumerate(algos):
         for b, v in pairs[a].items(): grid[i, algos.index(b)] = grid[algos.index(b), i] = v
     ax.imshow(grid.numpy(), cmap="viridis", vmin=0, vmax=1)
     for (i, j), v in ((ij, grid[ij].item()) for ij in ((i, j) for i in range(len(algos)) for j in range(len(algos)))):
-        if not math.isnan(v): ax.text(j, i, f"{v:.0%}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
+        if math.isnan(v): ax.text(j, i, "ties", ha="center", va="center", color="grey", fontsize=7)
+        else: ax.text(j, i, f"{v:.0%}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
     ax.set_xticks(range(len(algos)), algos, rotation=90, fontsize=8); ax.set_yticks(range(len(algos)), algos, fontsize=8)
 
 prune_score_similarities_plotly = plot_prune_score_similarities  # auto-circuit's name (it drew with plotly)
