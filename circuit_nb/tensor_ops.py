@@ -15,8 +15,8 @@ from .graph import hard_concrete
 from .types import PruneScores
 
 # %% auto #0
-__all__ = ['flat_prune_scores', 'desc_prune_scores', 'prune_scores_threshold', 'sample_hard_concrete',
-           'correct_answer_greater_than_incorrect_proportion']
+__all__ = ['flat_prune_scores', 'desc_prune_scores', 'prune_scores_threshold', 'sample_hard_concrete', 'indices_vals',
+           'vocab_avg_val', 'correct_answer_greater_than_incorrect_proportion']
 
 # %% ../nbs/00d_tensor_ops.ipynb #cf6d31e3
 def _score_tensors(prune_scores: PruneScores, # destination module name -> scores
@@ -85,7 +85,27 @@ def sample_hard_concrete(mask: Tensor, # the gates' location parameters (log alp
         raise ValueError(f"mask_expanded=True needs mask's first axis to be batch_size={batch_size}, but mask is shaped {tuple(mask.shape)}")
     return hard_concrete(mask)
 
-# %% ../nbs/00d_tensor_ops.ipynb #ce470998
+# %% ../nbs/00d_tensor_ops.ipynb #00c06230
+def indices_vals(vals: Tensor, # [..., vocab] values, e.g. logits
+                 indices: Tensor, # [..., n] token ids; the same leading shape as `vals`
+                ) -> Tensor:
+    "The values of `vals` at the token ids `indices` along the last axis: `[..., n]`."
+    if not isinstance(vals, Tensor) or not isinstance(indices, Tensor): raise TypeError("vals and indices must be tensors")
+    if vals.ndim != indices.ndim or vals.shape[:-1] != indices.shape[:-1]:
+        raise ValueError(f"indices (shaped {tuple(indices.shape)}) must have vals's leading shape {tuple(vals.shape[:-1])} "
+                         "and one more axis of ids")
+    if indices.is_floating_point() or indices.dtype == t.bool: raise TypeError(f"indices must be integer token ids, not {indices.dtype}")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= vals.shape[-1]):
+        raise ValueError(f"indices hold ids outside [0, {vals.shape[-1]}), the size of vals's last axis")
+    return t.gather(vals, -1, indices)
+
+def vocab_avg_val(vals: Tensor, # [..., vocab] values, e.g. logits
+                  indices: Tensor, # [..., n] token ids; the same leading shape as `vals`
+                 ) -> Tensor:
+    "The mean of `indices_vals(vals, indices)` over every id and row: a 0-d tensor."
+    return indices_vals(vals, indices).mean()
+
+# %% ../nbs/00d_tensor_ops.ipynb #c32f95f0
 def correct_answer_greater_than_incorrect_proportion(logits: Tensor, # [batch, ..., vocab] output values at `model.out_slice`
                                                      batch: PromptPairBatch, # the batch `logits` were computed on
                                                     ) -> Tensor:
