@@ -105,7 +105,7 @@ def vocab_avg_val(vals: Tensor, # [..., vocab] values, e.g. logits
     "The mean of `indices_vals(vals, indices)` over every id and row: a 0-d tensor."
     return indices_vals(vals, indices).mean()
 
-# %% ../nbs/00d_tensor_ops.ipynb #c32f95f0
+# %% ../nbs/00d_tensor_ops.ipynb #88cbe5ca
 def correct_answer_greater_than_incorrect_proportion(logits: Tensor, # [batch, ..., vocab] output values at `model.out_slice`
                                                      batch: PromptPairBatch, # the batch `logits` were computed on
                                                     ) -> Tensor:
