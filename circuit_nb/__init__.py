@@ -9,6 +9,7 @@ __all__ = []
 # %% ../nbs/99_api.ipynb #fc5044ba
 from .types import *
 from .checks import *
+from .tensor_ops import *
 from .adapter import *
 from .progress_bars import *
 from .graph import *
@@ -17,11 +18,11 @@ from .mask_gradients import *
 from .edge_attribution_patching import *
 from .subnetwork_probing import *
 from .evaluate import *
+from .baselines import *
 from .circuits import *
+from .draw import *
 from .storage import *
 from .zoo import *
-from . import types, checks, adapter, progress_bars, graph, data, mask_gradients, edge_attribution_patching
-from . import subnetwork_probing, evaluate, circuits, storage, zoo
+from . import types, checks, tensor_ops, adapter, progress_bars, graph, data, mask_gradients, edge_attribution_patching, subnetwork_probing, evaluate, baselines, circuits, draw, storage, zoo
 
-__all__ = [name for module in (types, checks, adapter, progress_bars, graph, data, mask_gradients, edge_attribution_patching,
-                                  subnetwork_probing, evaluate, circuits, storage, zoo) for name in module.__all__]
+__all__ = [name for module in (types, checks, tensor_ops, adapter, progress_bars, graph, data, mask_gradients, edge_attribution_patching, subnetwork_probing, evaluate, baselines, circuits, draw, storage, zoo) for name in module.__all__]
