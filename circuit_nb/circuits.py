@@ -169,9 +169,10 @@ def run_circuits(model: PatchableModel, # the wrapped model
     return outs
 
 # %% ../nbs/08_circuits.ipynb #2f1f9a8d
-def _full_outputs(model: PatchableModel, batches: List[PromptPairBatch], compare_to: str) -> List[Tensor]:
-    "The full model's outputs at `model.out_slice` on each batch's clean or corrupt prompts."
-    check_option("compare_to", compare_to, ["clean", "corrupt"])
+def _full_outputs(model: PatchableModel, batches: List[PromptPairBatch], compare_to: Optional[str]) -> List[Optional[Tensor]]:
+    "The full model's outputs at `model.out_slice` on each batch's clean or corrupt prompts (`None`s for `compare_to=None`)."
+    check_option("compare_to", compare_to, ["clean", "corrupt", None])
+    if compare_to is None: return [None] * len(batches)
     with t.no_grad(): return [out_slice_logits(model, getattr(b, compare_to)) for b in batches]
 
 def _measure(batches: List[PromptPairBatch], circuit_outs: CircuitOutputs, full: List[Tensor],
@@ -186,7 +187,9 @@ def _measure(batches: List[PromptPairBatch], circuit_outs: CircuitOutputs, full:
             if b.key not in by_batch:
                 raise ValueError(f"circuit_outs[{count}] has no outputs for batch {i} of the dataloader: "
                                  "compute circuit_outs with run_circuits on this same (unshuffled) dataloader")
-            v = measure(by_batch[b.key], f, b).reshape(-1)
+            v = measure(by_batch[b.key], f, b)
+            if v.ndim == 0 or v.shape[0] != len(b.clean):
+                raise ValueError(f"{what} gave shape {tuple(v.shape)} on batch {i}; a measure gives one value per prompt, [{len(b.clean)}, ...]")
             per_batch.append(check_finite(v, f"{what} of the circuit of {count} edges on batch {i}"))
         values[count] = t.cat(per_batch)
     return values
@@ -196,10 +199,10 @@ def prompt_measures(model: PatchableModel, # the wrapped model
                     circuit_outs: CircuitOutputs, # from `run_circuits`
                     measure: Callable[[Tensor, Tensor, PromptPairBatch], Tensor], # (circuit outputs, full-model outputs, batch) -> `[batch]`
                     what: str = "the measure", # names the measure in errors
-                    compare_to: str = "clean", # the full model's run: on the "clean" or the "corrupt" prompts
+                    compare_to: Optional[str] = "clean", # the full model's run: on the "clean" or "corrupt" prompts (None: no run, `full` is None)
                    ) -> Dict[int, Tensor]:
-    """One value per prompt for every circuit size, `{edge count: [n_prompts]}` (prompts in the loader's order);
-    raises `FloatingPointError` naming the size and batch of a non-finite value."""
+    """One value (or row of values) per prompt for every circuit size, `{edge count: [n_prompts, ...]}` (prompts in the
+    loader's order); raises `FloatingPointError` naming the size and batch of a non-finite value."""
     batches = list(check_loader(check_patchable(model), dataloader))
     return _measure(batches, circuit_outs, _full_outputs(model, batches, compare_to), measure, what)
 
