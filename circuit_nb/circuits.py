@@ -173,7 +173,9 @@ def _full_outputs(model: PatchableModel, batches: List[PromptPairBatch], compare
     "The full model's outputs at `model.out_slice` on each batch's clean or corrupt prompts (`None`s for `compare_to=None`)."
     check_option("compare_to", compare_to, ["clean", "corrupt", None])
     if compare_to is None: return [None] * len(batches)
-    with t.no_grad(): return [out_slice_logits(model, getattr(b, compare_to)) for b in batches]
+    with t.no_grad():
+        return [check_finite(out_slice_logits(model, getattr(b, compare_to)), f"the full model's output on the {compare_to} prompts of batch {i}")
+                for i, b in enumerate(batches)]
 
 def _measure(batches: List[PromptPairBatch], circuit_outs: CircuitOutputs, full: List[Tensor],
              measure: Callable[[Tensor, Tensor, PromptPairBatch], Tensor], what: str) -> Dict[int, Tensor]:
@@ -187,7 +189,8 @@ def _measure(batches: List[PromptPairBatch], circuit_outs: CircuitOutputs, full:
             if b.key not in by_batch:
                 raise ValueError(f"circuit_outs[{count}] has no outputs for batch {i} of the dataloader: "
                                  "compute circuit_outs with run_circuits on this same (unshuffled) dataloader")
-            v = measure(by_batch[b.key], f, b)
+            out = check_finite(by_batch[b.key], f"the output of the circuit of {count} edges on batch {i}")
+            v = measure(out, f, b)
             if v.ndim == 0 or v.shape[0] != len(b.clean):
                 raise ValueError(f"{what} gave shape {tuple(v.shape)} on batch {i}; a measure gives one value per prompt, [{len(b.clean)}, ...]")
             per_batch.append(check_finite(v, f"{what} of the circuit of {count} edges on batch {i}"))
