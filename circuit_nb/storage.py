@@ -23,7 +23,7 @@ __all__ = ['SCORES_FORMAT', 'CIRCUIT_FORMAT', 'edge_layout', 'graph_signature', 
 # %% ../nbs/09_storage.ipynb #7651e58c
 def edge_layout(model: PatchableModel) -> Dict[str, Dict[str, list]]:
     "Per destination module: its mask shape, destination names (by head) and source names (by mask column)."
-    srcs = sorted(model.srcs, key=lambda s: s.src_idx)
+    srcs = sorted(check_patchable(model).srcs, key=lambda s: s.src_idx)
     layout = {}
     for w in model.dest_wrappers:
         dests = sorted((d for d in model.dests if d.module_name == w.module_name), key=lambda d: d.head_idx or 0)
