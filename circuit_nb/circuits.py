@@ -114,7 +114,9 @@ def _render_circuit(model: PatchableModel, prune_scores: PruneScores, ranks: Pru
     import matplotlib.pyplot as plt
     shown = {n: ((ranks[n] < count) & (prune_scores[n].detach().abs().cpu() >= score_threshold)).float() for n in ranks}
     n_shown = int(sum(s.sum() for s in shown.values()))
-    ax = draw_graph(model, shown, top_k=n_shown, title=f"the circuit of {count} edges ({n_shown} drawn)")
+    n_drawn = n_shown if model.seq_len is None else int(sum(s[0].sum() for s in shown.values()))  # draw_graph: position 0
+    ax = draw_graph(model, shown, top_k=n_shown, title=f"the circuit of {count} edges ({n_drawn} drawn"
+                    + ("" if model.seq_len is None else ", at position 0") + ")")
     if file_path is not None:
         ax.figure.savefig(str(file_path))
         plt.close(ax.figure)
@@ -328,6 +330,7 @@ class CircuitExplorer:
     def show(self, count: int):
         "Draw the circuit of `count` edges and mark its point on the faithfulness curve."
         import matplotlib.pyplot as plt
+        check_option("count", count, sorted(self.curve))
         self.count, self.point = count, (count, self.curve[count])
         self.figure, (graph_ax, curve_ax) = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw=dict(width_ratios=[2, 1]))
         draw_graph(self.model, self.scores, top_k=count, ax=graph_ax, title=f"the top {count} edges")
