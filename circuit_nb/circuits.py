@@ -4,6 +4,7 @@
 
 # %% ../nbs/08_circuits.ipynb #92c35afe
 from __future__ import annotations
+import numbers
 from enum import Enum
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -66,6 +67,9 @@ def _read_counts(model: PatchableModel, test_edge_counts, name: str = "test_edge
                         f"not {type(test_edge_counts).__name__}")
     counts = []
     for c in test_edge_counts:
+        if isinstance(c, Tensor) and c.numel() == 1: c = c.item()  # numpy and torch numbers read as Python's
+        if isinstance(c, numbers.Integral) and not isinstance(c, bool): c = int(c)
+        elif isinstance(c, numbers.Real) and not isinstance(c, bool): c = float(c)
         try: counts.append(_as_count(c, model.n_edges))
         except ValueError as e: raise ValueError(f"{name}: {e}") from None
     if not counts: raise ValueError(f"{name} is empty: give at least one circuit size")
