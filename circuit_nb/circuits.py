@@ -4,48 +4,45 @@
 
 # %% ../nbs/08_circuits.ipynb #92c35afe
 from __future__ import annotations
+import numbers
 from enum import Enum
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch as t
 from torch import Tensor
 
-from .data import (BatchKey, PromptDataLoader, batch_answer_diffs, batch_avg_answer_val, batch_src_ablations,
-                             correct_answer_proportion, multibatch_kl_div)
-from .graph import PatchableModel, draw_graph, out_slice_logits, patch_mode, reusing_buffers, set_mask_batch_size
+from .checks import check_finite, check_int, check_loader, check_number, check_patchable, check_prune_scores
+from .data import (BatchKey, PromptDataLoader, PromptPairBatch, batch_answer_diffs, batch_avg_answer_val,
+                             batch_src_ablations, correct_answer_proportion, multibatch_kl_div)
+from .graph import (PatchableModel, _as_count, draw_graph, out_slice_logits, patch_mode, reusing_buffers,
+                              set_mask_batch_size)
 from .progress_bars import progress
 from .types import *
 
 # %% auto #0
 __all__ = ['CircuitOutputs', 'PROMPTS_PER_PASS', 'FAITHFULNESS_MEASURES', 'MIB_FRACTIONS', 'PatchType', 'edge_ranks',
-           'circuit_edges', 'run_circuits', 'faithfulness_curves', 'curve_area', 'mib_faithfulness',
+           'circuit_edges', 'run_circuits', 'prompt_measures', 'faithfulness_curves', 'curve_area', 'mib_faithfulness',
            'plot_faithfulness', 'plot_roc', 'CircuitExplorer']
 
 # %% ../nbs/08_circuits.ipynb #64116b6e
 class PatchType(Enum):
-    "How a circuit is run."
-    EDGE_PATCH = 1  # run the clean prompt, ablate every edge outside the circuit
-    TREE_PATCH = 2  # run the corrupt prompt, patch the circuit's edges to their clean values
+    "How a circuit is run (auto-circuit's names and meanings)."
+    EDGE_PATCH = 1  # run the corrupt prompt and patch the circuit's edges to their clean values
+    TREE_PATCH = 2  # run the clean prompt and ablate every edge not in the circuit
+
+    def __str__(self) -> str: return self.name.replace("_", " ").title()
 
 CircuitOutputs = Dict[int, Dict[BatchKey, Tensor]]  # edge count -> batch key -> outputs at `model.out_slice`
 
 # %% ../nbs/08_circuits.ipynb #4052042c
-def _check_scores(model: PatchableModel, prune_scores: PruneScores):
-    "Raise a clear error unless `prune_scores` has one tensor shaped like each of the model's masks."
-    expected = model.new_prune_scores()
-    missing = set(expected) - set(prune_scores)
-    if missing: raise KeyError(f"prune_scores lacks the destination modules {sorted(missing)}")
-    for name, like in expected.items():
-        if tuple(prune_scores[name].shape) != tuple(like.shape):
-            raise ValueError(f"prune_scores[{name!r}] is shaped {tuple(prune_scores[name].shape)}, expected {tuple(like.shape)}")
-
 def edge_ranks(model: PatchableModel, # the wrapped model
-               prune_scores: PruneScores, # a score per edge
+               prune_scores: PruneScores, # a finite score per edge, shaped like the masks (see `check_prune_scores`)
               ) -> PruneScores:
-    "Each edge's rank by descending |score| (0 = most important), laid out like the masks."
-    _check_scores(model, prune_scores)
+    "Each edge's rank by descending |score| (0 = most important), laid out like the masks; ties keep the graph's order."
+    check_prune_scores(check_patchable(model), prune_scores)
     names = [w.module_name for w in model.dest_wrappers]
-    flat = t.cat([prune_scores[n].detach().flatten().float().cpu() for n in names])
+    flat = t.cat([prune_scores[n].detach().flatten().double().cpu() for n in names])
     order = t.argsort(flat.abs(), descending=True, stable=True)
     ranks = t.empty_like(order)
     ranks[order] = t.arange(len(order))
@@ -53,21 +50,82 @@ def edge_ranks(model: PatchableModel, # the wrapped model
     return {n: r.view(prune_scores[n].shape) for n, r in zip(names, ranks.split(sizes))}
 
 # %% ../nbs/08_circuits.ipynb #7176874d
-def circuit_edges(model: PatchableModel, prune_scores: PruneScores, k: int) -> set:
-    "The `k` edges of largest |score|: the circuit of size `k`."
-    if not 0 <= k <= model.n_edges: raise ValueError(f"k must be in [0, {model.n_edges}], not {k}")
+def circuit_edges(model: PatchableModel, # the wrapped model
+                  prune_scores: PruneScores, # a finite score per edge, shaped like the masks
+                  k: Union[int, float], # the circuit's size: a number of edges, or a float in [0, 1], a fraction of all edges
+                 ) -> set:
+    "The `k` edges of largest |score| (ties broken by the graph's order): the circuit of size `k`."
     ranks = edge_ranks(model, prune_scores)
+    k = _read_counts(model, [k], "k")[0]
     return {e for e in model.edges if e.prune_score(ranks) < k}
+
+# %% ../nbs/08_circuits.ipynb #a8c1e005
+def _read_counts(model: PatchableModel, test_edge_counts, name: str = "test_edge_counts") -> List[int]:
+    "The distinct circuit sizes in `test_edge_counts`, sorted: ints are counts, floats in [0, 1] fractions of all edges."
+    if isinstance(test_edge_counts, (str, bytes, dict)) or not hasattr(test_edge_counts, "__iter__"):
+        raise TypeError(f"{name} must be a list of edge counts (ints) or fractions of all edges (floats in [0, 1]), "
+                        f"not {type(test_edge_counts).__name__}")
+    counts = []
+    for c in test_edge_counts:
+        if isinstance(c, Tensor) and c.numel() == 1: c = c.item()  # numpy and torch numbers read as Python's
+        if isinstance(c, numbers.Integral) and not isinstance(c, bool): c = int(c)
+        elif isinstance(c, numbers.Real) and not isinstance(c, bool): c = float(c)
+        try: counts.append(_as_count(c, model.n_edges))
+        except ValueError as e: raise ValueError(f"{name}: {e}") from None
+    if not counts: raise ValueError(f"{name} is empty: give at least one circuit size")
+    return sorted(set(counts))
 
 # %% ../nbs/08_circuits.ipynb #8b311bb5
 def _circuit_masks(ranks: PruneScores, counts: Tensor, patch_type: PatchType, dtype) -> PruneScores:
-    "Masks for the circuits of sizes `counts`, one per circuit: `[len(counts), *mask_shape]`."
+    "Masks for the circuits of sizes `counts`, one per circuit: `[len(counts), *mask_shape]` (1 = patched)."
     masks = {}
     for name, r in ranks.items():
         in_circuit = r.unsqueeze(0) < counts.view(-1, *([1] * r.ndim))
-        patched = ~in_circuit if patch_type == PatchType.EDGE_PATCH else in_circuit
+        patched = in_circuit if patch_type == PatchType.EDGE_PATCH else ~in_circuit
         masks[name] = patched.to(dtype)
     return masks
+
+# %% ../nbs/08_circuits.ipynb #a8c1e006
+def _check_flag(name: str, value) -> bool:
+    "`value` if it is `True` or `False`; a `TypeError` naming `name` otherwise."
+    if not isinstance(value, bool): raise TypeError(f"{name} must be True or False, not {value!r}")
+    return value
+
+def _check_circuit_args(model, dataloader, test_edge_counts, prune_scores, patch_type, ablation_type,
+                        reverse_clean_corrupt, render_graph, render_score_threshold, render_file_path,
+                        circuits_per_pass) -> List[int]:
+    "Check every argument of `run_circuits`; return the circuit sizes as sorted distinct counts."
+    check_patchable(model)
+    check_loader(model, dataloader)
+    check_prune_scores(model, prune_scores)
+    counts = _read_counts(model, test_edge_counts)
+    check_option("patch_type", patch_type, list(PatchType))
+    check_option("ablation_type", ablation_type, list(AblationType))
+    _check_flag("reverse_clean_corrupt", reverse_clean_corrupt)
+    _check_flag("render_graph", render_graph)
+    if render_score_threshold is not False: check_number("render_score_threshold", render_score_threshold, lo=0)
+    if render_file_path is not None:
+        if not isinstance(render_file_path, (str, Path)):
+            raise TypeError(f"render_file_path must be a path (str or Path) or None, not {type(render_file_path).__name__}")
+        if not render_graph: raise ValueError("render_file_path is where the rendered graph goes: pass render_graph=True as well")
+    if circuits_per_pass is not None: check_int("circuits_per_pass", circuits_per_pass, lo=1)
+    return counts
+
+# %% ../nbs/08_circuits.ipynb #a8c1e007
+def _render_circuit(model: PatchableModel, prune_scores: PruneScores, ranks: PruneScores, count: int,
+                    score_threshold: float, file_path: Optional[Union[str, Path]]):
+    "Draw the circuit of `count` edges (those with |score| >= `score_threshold`) with `draw_graph`; to `file_path` if given."
+    import matplotlib.pyplot as plt
+    shown = {n: ((ranks[n] < count) & (prune_scores[n].detach().abs().cpu() >= score_threshold)).float() for n in ranks}
+    n_shown = int(sum(s.sum() for s in shown.values()))
+    n_drawn = n_shown if model.seq_len is None else int(sum(s[0].sum() for s in shown.values()))  # draw_graph: position 0
+    ax = draw_graph(model, shown, top_k=n_shown, title=f"the circuit of {count} edges ({n_drawn} drawn"
+                    + ("" if model.seq_len is None else ", at position 0") + ")")
+    if file_path is not None:
+        ax.figure.savefig(str(file_path))
+        plt.close(ax.figure)
+    else: plt.show()
+    return ax
 
 # %% ../nbs/08_circuits.ipynb #8e23b731
 PROMPTS_PER_PASS = 16  # beyond this, a pass's larger activations cost more (in page faults) than batching saves, on the CPU
@@ -79,27 +137,28 @@ def _chunks(counts: List[int], most: int) -> List[List[int]]:
     return [counts[a:b] for a, b in zip(bounds, bounds[1:])]
 
 def run_circuits(model: PatchableModel, # the wrapped model
-                 dataloader: PromptDataLoader, # the prompts to run
-                 test_edge_counts: Sequence[int], # circuit sizes (numbers of edges), e.g. from `edge_counts_util`
+                 dataloader: PromptDataLoader, # the prompts to run (not shuffled)
+                 test_edge_counts: Sequence[Union[int, float]], # circuit sizes: ints are edge counts, floats in [0, 1] fractions of all edges
                  prune_scores: PruneScores, # the ranking: circuits are the top-k edges by |score|
-                 patch_type: PatchType = PatchType.EDGE_PATCH, # ablate the rest (EDGE) or restore the circuit (TREE)
-                 ablation_type: AblationType = AblationType.RESAMPLE, # what an ablated edge carries
+                 patch_type: PatchType = PatchType.EDGE_PATCH, # EDGE: corrupt run, circuit patched to clean; TREE: clean run, the rest ablated
+                 ablation_type: AblationType = AblationType.RESAMPLE, # what a patched edge carries
                  reverse_clean_corrupt: bool = False, # swap the roles of the clean and corrupt prompts
+                 render_graph: bool = False, # draw the largest circuit with `draw_graph` (matplotlib)
+                 render_score_threshold: Union[bool, float] = False, # draw only circuit edges with |score| at least this (False: all)
+                 render_file_path: Optional[Union[str, Path]] = None, # save the drawing there instead of showing it
                  circuits_per_pass: Optional[int] = None, # circuits sharing one forward pass (None: enough for `PROMPTS_PER_PASS` prompts)
                 ) -> CircuitOutputs:
-    "The model's outputs (at `model.out_slice`) for the circuit of each size in `test_edge_counts`, on every batch."
-    counts = sorted(set(int(c) for c in test_edge_counts))
-    if not counts or counts[0] < 0 or counts[-1] > model.n_edges:
-        raise ValueError(f"test_edge_counts must be counts in [0, {model.n_edges}], not {list(test_edge_counts)}")
-    if circuits_per_pass is not None and (not isinstance(circuits_per_pass, int) or circuits_per_pass < 1):
-        raise ValueError(f"circuits_per_pass must be a positive int or None, not {circuits_per_pass!r}")
+    """The model's outputs at `model.out_slice` (e.g. `[batch, vocab]` logits) for the circuit of each size, on
+    every batch: `{edge count: {batch key: outputs}}`, counts sorted. Raises `FloatingPointError` for non-finite outputs."""
+    counts = _check_circuit_args(model, dataloader, test_edge_counts, prune_scores, patch_type, ablation_type,
+                                 reverse_clean_corrupt, render_graph, render_score_threshold, render_file_path, circuits_per_pass)
     ranks = edge_ranks(model, prune_scores)
-    run_clean = (patch_type == PatchType.EDGE_PATCH) != reverse_clean_corrupt
+    run_clean = (patch_type == PatchType.TREE_PATCH) != reverse_clean_corrupt
     clean_corrupt = ("corrupt" if run_clean else "clean") if ablation_type.takes_clean_corrupt else None
     ablations = batch_src_ablations(model, dataloader, ablation_type, clean_corrupt)
     outs: CircuitOutputs = {c: {} for c in counts}
     with t.no_grad(), reusing_buffers(model):
-        for batch in progress(dataloader, desc="circuits"):
+        for i, batch in enumerate(progress(dataloader, desc="circuits")):
             tokens = batch.clean if run_clean else batch.corrupt
             b = tokens.shape[0]
             for chunk in _chunks(counts, circuits_per_pass or max(1, PROMPTS_PER_PASS // b)):
@@ -109,22 +168,61 @@ def run_circuits(model: PatchableModel, # the wrapped model
                 with set_mask_batch_size(model, m), patch_mode(model, ablations[batch.key]):
                     for name, mask in model.patch_masks.items(): mask.copy_(masks[name])
                     out = out_slice_logits(model, tokens.repeat(m, 1))
+                check_finite(out, f"the output of the circuits of {chunk} edges on batch {i}")
                 for j, c in enumerate(chunk): outs[c][batch.key] = out[j * b:(j + 1) * b]
+    if render_graph:
+        _render_circuit(model, prune_scores, ranks, counts[-1], float(render_score_threshold), render_file_path)
     return outs
 
 # %% ../nbs/08_circuits.ipynb #2f1f9a8d
-def _per_prompt(model: PatchableModel, dataloader: PromptDataLoader, circuit_outs: CircuitOutputs,
-                measure: Callable[[Tensor, Tensor, object], Tensor]) -> List[Tuple[int, float]]:
-    "`measure(circuit_vals, full_model_vals, batch)` (a per-prompt tensor) averaged over all prompts, per circuit size."
-    with t.no_grad(): full = {b.key: out_slice_logits(model, b.clean) for b in dataloader}
-    points = []
+def _full_outputs(model: PatchableModel, batches: List[PromptPairBatch], compare_to: Optional[str]) -> List[Optional[Tensor]]:
+    "The full model's outputs at `model.out_slice` on each batch's clean or corrupt prompts (`None`s for `compare_to=None`)."
+    check_option("compare_to", compare_to, ["clean", "corrupt", None])
+    if compare_to is None: return [None] * len(batches)
+    with t.no_grad():
+        return [check_finite(out_slice_logits(model, getattr(b, compare_to)), f"the full model's output on the {compare_to} prompts of batch {i}")
+                for i, b in enumerate(batches)]
+
+def _measure(batches: List[PromptPairBatch], circuit_outs: CircuitOutputs, full: List[Tensor],
+             measure: Callable[[Tensor, Tensor, PromptPairBatch], Tensor], what: str) -> Dict[int, Tensor]:
+    "`measure(circuit values, full values, batch)` per prompt, for every circuit size, checked to be finite."
+    if not isinstance(circuit_outs, dict) or not circuit_outs:
+        raise ValueError("circuit_outs must be the non-empty {edge count: {batch key: outputs}} that run_circuits returns")
+    values = {}
     for count, by_batch in sorted(circuit_outs.items()):
-        values = [measure(by_batch[b.key], full[b.key], b).reshape(-1) for b in dataloader]
-        points.append((count, t.cat(values).float().mean().item()))
-    return points
+        per_batch = []
+        for i, (b, f) in enumerate(zip(batches, full)):
+            if b.key not in by_batch:
+                raise ValueError(f"circuit_outs[{count}] has no outputs for batch {i} of the dataloader: "
+                                 "compute circuit_outs with run_circuits on this same (unshuffled) dataloader")
+            out = check_finite(by_batch[b.key], f"the output of the circuit of {count} edges on batch {i}")
+            v = measure(out, f, b)
+            if v.ndim == 0 or v.shape[0] != len(b.clean):
+                raise ValueError(f"{what} gave shape {tuple(v.shape)} on batch {i}; a measure gives one value per prompt, [{len(b.clean)}, ...]")
+            per_batch.append(check_finite(v, f"{what} of the circuit of {count} edges on batch {i}"))
+        values[count] = t.cat(per_batch)
+    return values
+
+def prompt_measures(model: PatchableModel, # the wrapped model
+                    dataloader: PromptDataLoader, # the prompts `circuit_outs` were computed on
+                    circuit_outs: CircuitOutputs, # from `run_circuits`
+                    measure: Callable[[Tensor, Tensor, PromptPairBatch], Tensor], # (circuit outputs, full-model outputs, batch) -> `[batch]`
+                    what: str = "the measure", # names the measure in errors
+                    compare_to: Optional[str] = "clean", # the full model's run: on the "clean" or "corrupt" prompts (None: no run, `full` is None)
+                   ) -> Dict[int, Tensor]:
+    """One value (or row of values) per prompt for every circuit size, `{edge count: [n_prompts, ...]}` (prompts in the
+    loader's order); raises `FloatingPointError` naming the size and batch of a non-finite value."""
+    batches = list(check_loader(check_patchable(model), dataloader))
+    return _measure(batches, circuit_outs, _full_outputs(model, batches, compare_to), measure, what)
 
 def _kl_per_prompt(vals, full, batch):
     return t.stack([multibatch_kl_div(v.log_softmax(-1), f.log_softmax(-1)) for v, f in zip(vals, full)])
+
+def _one(batch, i):
+    "The i-th prompt of `batch` as a batch of one (answers kept as they are: tensor rows or list items)."
+    pick = lambda a: a[i:i + 1]
+    return type(batch)(batch.key, batch.batch_diverge_idx, batch.clean[i:i + 1], batch.corrupt[i:i + 1],
+                       pick(batch.answers), pick(batch.wrong_answers))
 
 FAITHFULNESS_MEASURES = {
     "logit_diff_percent": lambda vals, full, batch: 100 * batch_answer_diffs(vals, batch) / batch_answer_diffs(full, batch),
@@ -134,27 +232,27 @@ FAITHFULNESS_MEASURES = {
     "answer_value": lambda vals, full, batch: t.stack([batch_avg_answer_val(v[None], _one(batch, i)) for i, v in enumerate(vals)]),
 }
 
-def _one(batch, i):
-    "The i-th prompt of `batch` as a batch of one (answers kept as they are: tensor rows or list items)."
-    pick = lambda a: a[i:i + 1]
-    return type(batch)(batch.key, batch.batch_diverge_idx, batch.clean[i:i + 1], batch.corrupt[i:i + 1],
-                       pick(batch.answers), pick(batch.wrong_answers))
-
 # %% ../nbs/08_circuits.ipynb #88a0d481
 def faithfulness_curves(model: PatchableModel, # the wrapped model
                         dataloader: PromptDataLoader, # the prompts `circuit_outs` were computed on
                         circuit_outs: CircuitOutputs, # from `run_circuits`
-                        measures: Sequence[str] = tuple(FAITHFULNESS_MEASURES), # which curves
+                        measures: Sequence[str] = tuple(FAITHFULNESS_MEASURES), # which curves (keys of `FAITHFULNESS_MEASURES`)
                        ) -> Dict[str, List[Tuple[int, float]]]:
-    "For each measure, its value (averaged over prompts) at each circuit size: `[(edge count, value), ...]`."
+    """For each measure, its value (averaged over prompts) at each circuit size: `[(edge count, value), ...]`;
+    raises `FloatingPointError` naming the size and batch of a non-finite value."""
+    if isinstance(measures, str): raise TypeError(f"measures must be a list of measure names, not the string {measures!r}")
     for m in measures: check_option("measure", m, list(FAITHFULNESS_MEASURES))
-    return {m: _per_prompt(model, dataloader, circuit_outs, FAITHFULNESS_MEASURES[m]) for m in measures}
+    batches = list(check_loader(check_patchable(model), dataloader))
+    full = _full_outputs(model, batches, "clean")
+    return {m: [(c, v.float().mean().item()) for c, v in _measure(batches, circuit_outs, full, FAITHFULNESS_MEASURES[m], m).items()]
+            for m in measures}
 
 def curve_area(points: Sequence[Tuple[float, float]], # (x, y) pairs, e.g. a faithfulness curve
                log_x: bool = False, # integrate over log(1 + x), as for circuit sizes spanning decades
               ) -> float:
     "The area under a curve by the trapezoid rule, with x rescaled to [0, 1]."
     xs, ys = t.tensor([float(x) for x, _ in points], dtype=t.float64), t.tensor([float(y) for _, y in points], dtype=t.float64)
+    check_finite(xs, "the curve's x values"); check_finite(ys, "the curve's y values")
     if log_x: xs = t.log1p(xs)
     if len(xs) < 2 or xs[-1] == xs[0]: raise ValueError("a curve needs at least two distinct x values")
     return t.trapezoid(ys, (xs - xs[0]) / (xs[-1] - xs[0])).item()
@@ -163,16 +261,20 @@ def curve_area(points: Sequence[Tuple[float, float]], # (x, y) pairs, e.g. a fai
 MIB_FRACTIONS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 def mib_faithfulness(model: PatchableModel, # the wrapped model
-                     dataloader: PromptDataLoader, # the prompts
+                     dataloader: PromptDataLoader, # the prompts (not shuffled)
                      prune_scores: PruneScores, # the ranking to score
-                     fractions: Sequence[float] = MIB_FRACTIONS, # circuit sizes as fractions of all edges
+                     fractions: Sequence[float] = MIB_FRACTIONS, # circuit sizes as fractions of all edges, in [0, 1]
                      ablation_type: AblationType = AblationType.RESAMPLE, # what ablated edges carry
                     ) -> Dict[str, object]:
-    "MIB's faithfulness curve of a ranking, with its CPR (area under it) and CMD (area between it and 1)."
-    fractions = sorted(set(float(f) for f in fractions) | {0.0, 1.0})
+    """MIB's faithfulness curve of a ranking (circuits run with `TREE_PATCH`, as MIB does), with its CPR (area
+    under it) and CMD (area between it and 1): `dict(fractions, faithfulness, cpr, cmd)`."""
+    if isinstance(fractions, (str, bytes)) or not hasattr(fractions, "__iter__"):
+        raise TypeError(f"fractions must be a list of fractions of all edges, not {type(fractions).__name__}")
+    fractions = sorted(set(check_number("fractions", f, 0.0, 1.0) for f in fractions) | {0.0, 1.0})
     counts = [round(f * model.n_edges) for f in fractions]
-    outs = run_circuits(model, dataloader, counts, prune_scores, ablation_type=ablation_type)
-    diff = dict(_per_prompt(model, dataloader, outs, lambda vals, full, batch: batch_answer_diffs(vals, batch)))
+    outs = run_circuits(model, dataloader, counts, prune_scores, PatchType.TREE_PATCH, ablation_type)
+    diff = {c: v.float().mean().item() for c, v in prompt_measures(
+        model, dataloader, outs, lambda vals, full, batch: batch_answer_diffs(vals, batch), "the logit difference").items()}
     empty, full = diff[0], diff[model.n_edges]
     if abs(full - empty) < 1e-12: raise ValueError("the full model and the empty circuit have the same logit difference")
     f = [(diff[c] - empty) / (full - empty) for c in counts]
@@ -187,6 +289,7 @@ def plot_faithfulness(curves: Dict[str, List[Tuple[int, float]]], # from `faithf
                       log_x: bool = True): # log-scale the edge counts
     "Plot one faithfulness curve; return the Axes."
     import matplotlib.pyplot as plt
+    check_option("measure", measure, list(curves))
     if ax is None: _, ax = plt.subplots(figsize=(6, 3.5))
     xs, ys = zip(*curves[measure])
     ax.plot([x + 1 for x in xs] if log_x else xs, ys, marker="o", ms=3, label=label or measure)
@@ -208,13 +311,20 @@ def plot_roc(fpr: Tensor, tpr: Tensor, ax=None, label: Optional[str] = None):
 # %% ../nbs/08_circuits.ipynb #5454fb41
 class CircuitExplorer:
     "An ipywidgets explorer: an edge-count slider that redraws the circuit and marks its faithfulness."
-    def __init__(self, model: PatchableModel, dataloader: PromptDataLoader, prune_scores: PruneScores,
-                 test_edge_counts: Optional[Sequence[int]] = None, measure: str = "logit_diff_percent"):
+    def __init__(self, model: PatchableModel, # the wrapped model
+                 dataloader: PromptDataLoader, # the prompts (not shuffled)
+                 prune_scores: PruneScores, # the ranking
+                 test_edge_counts: Optional[Sequence[Union[int, float]]] = None, # circuit sizes (default: `edge_counts_util`'s)
+                 measure: str = "logit_diff_percent", # which faithfulness curve
+                 patch_type: PatchType = PatchType.EDGE_PATCH, # how circuits are run (see `run_circuits`)
+                ):
         import ipywidgets as w
         from circuit_nb.graph import edge_counts_util
+        check_option("measure", measure, list(FAITHFULNESS_MEASURES))
         self.model, self.scores, self.measure = model, prune_scores, measure
         counts = list(test_edge_counts) if test_edge_counts is not None else edge_counts_util(model.edges, prune_scores=prune_scores)
-        self.curve = dict(faithfulness_curves(model, dataloader, run_circuits(model, dataloader, counts, prune_scores), [measure])[measure])
+        outs = run_circuits(model, dataloader, counts, prune_scores, patch_type)
+        self.curve = dict(faithfulness_curves(model, dataloader, outs, [measure])[measure])
         self.slider = w.SelectionSlider(options=sorted(self.curve), description="edges", continuous_update=False)
         self.output = w.Output()
         self.widget = w.VBox([self.slider, self.output])
@@ -224,6 +334,7 @@ class CircuitExplorer:
     def show(self, count: int):
         "Draw the circuit of `count` edges and mark its point on the faithfulness curve."
         import matplotlib.pyplot as plt
+        check_option("count", count, sorted(self.curve))
         self.count, self.point = count, (count, self.curve[count])
         self.figure, (graph_ax, curve_ax) = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw=dict(width_ratios=[2, 1]))
         draw_graph(self.model, self.scores, top_k=count, ax=graph_ax, title=f"the top {count} edges")

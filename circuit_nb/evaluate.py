@@ -9,6 +9,7 @@ from typing import Dict, Iterable, Tuple, Union
 import torch as t
 from torch import Tensor
 
+from .checks import check_patchable, check_prune_scores
 from .graph import PatchableModel
 from .types import Edge, PruneScores
 
@@ -19,15 +20,9 @@ __all__ = ['edge_roc', 'edge_auroc']
 def _scores_and_labels(model: PatchableModel, prune_scores: PruneScores,
                        true_edges: Iterable[Union[str, Edge]]) -> Tuple[Tensor, Tensor]:
     "|score| and circuit membership of every edge, as two flat tensors in one order."
+    check_prune_scores(check_patchable(model), prune_scores)
     layout = model.new_prune_scores()
-    unknown = sorted(set(prune_scores) - set(layout))
-    if unknown: raise ValueError(f"prune_scores has scores for {unknown}, which are not destinations of the model")
-    labels: Dict[str, Tensor] = {}
-    for name, blank in layout.items():
-        if name not in prune_scores: raise ValueError(f"prune_scores has no scores for the destination {name!r}")
-        if tuple(prune_scores[name].shape) != tuple(blank.shape):
-            raise ValueError(f"prune_scores[{name!r}] is shaped {tuple(prune_scores[name].shape)}, expected {tuple(blank.shape)}")
-        labels[name] = t.zeros(blank.shape, dtype=t.bool)
+    labels: Dict[str, Tensor] = {name: t.zeros(blank.shape, dtype=t.bool) for name, blank in layout.items()}
     if isinstance(true_edges, (str, Edge)): raise TypeError("true_edges must be a collection of edges, not a single edge")
     positions = [None] if model.seq_len is None else range(model.seq_len)
     for edge in true_edges:
@@ -38,7 +33,6 @@ def _scores_and_labels(model: PatchableModel, prune_scores: PruneScores,
         else: raise TypeError(f"true_edges must hold edge names or Edge objects, not {type(edge).__name__}")
         for e in found: labels[e.dest.module_name][e.patch_idx] = True
     scores = t.cat([prune_scores[name].detach().flatten().double().cpu().abs() for name in layout])
-    if scores.isnan().any(): raise ValueError("prune_scores contain NaN, which cannot be ranked")
     return scores, t.cat([labels[name].flatten() for name in layout])
 
 # %% ../nbs/07_evaluate.ipynb #f42a3955

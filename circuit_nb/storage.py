@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Dict, Iterable, Set, Union
 
 import torch as t
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .checks import check_patchable, check_prune_scores
 from .graph import PatchableModel
 from .types import *
 
@@ -22,7 +23,7 @@ __all__ = ['SCORES_FORMAT', 'CIRCUIT_FORMAT', 'edge_layout', 'graph_signature', 
 # %% ../nbs/09_storage.ipynb #7651e58c
 def edge_layout(model: PatchableModel) -> Dict[str, Dict[str, list]]:
     "Per destination module: its mask shape, destination names (by head) and source names (by mask column)."
-    srcs = sorted(model.srcs, key=lambda s: s.src_idx)
+    srcs = sorted(check_patchable(model).srcs, key=lambda s: s.src_idx)
     layout = {}
     for w in model.dest_wrappers:
         dests = sorted((d for d in model.dests if d.module_name == w.module_name), key=lambda d: d.head_idx or 0)
@@ -39,27 +40,32 @@ def graph_signature(model: PatchableModel) -> str:
 SCORES_FORMAT = "circuit_nb.prune_scores/1"
 
 def save_prune_scores(model: PatchableModel, # the model the scores were computed on
-                      prune_scores: PruneScores, # the scores
+                      prune_scores: PruneScores, # the scores (checked by `check_prune_scores`)
                       path: Union[str, Path]): # where to write (safetensors)
     "Write `prune_scores` with the graph's signature and edge names to a safetensors file."
-    expected = model.new_prune_scores()
-    for name, like in expected.items():
-        if name not in prune_scores or tuple(prune_scores[name].shape) != tuple(like.shape):
-            raise ValueError(f"prune_scores does not fit the model's graph at {name!r}")
+    check_prune_scores(check_patchable(model), prune_scores)
     meta = dict(format=SCORES_FORMAT, graph_signature=graph_signature(model), edge_layout=json.dumps(edge_layout(model)))
-    save_file({n: prune_scores[n].detach().cpu().contiguous() for n in expected}, str(path), metadata=meta)
+    save_file({n: prune_scores[n].detach().cpu().contiguous() for n in model.new_prune_scores()}, str(path), metadata=meta)
 
 def load_prune_scores(model: PatchableModel, # the model to load the scores for
                       path: Union[str, Path], # a file written by `save_prune_scores`
-                      device=None) -> PruneScores:
-    "Read scores saved by `save_prune_scores`, after checking that they belong to this model's graph."
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != SCORES_FORMAT: raise ValueError(f"{path} is not a circuit_nb scores file")
-        _check_signature(model, meta["graph_signature"], path)
-        return {n: f.get_tensor(n).to(device or "cpu") for n in f.keys()}
+                      device=None, # where to put the tensors (default: the CPU)
+                     ) -> PruneScores:
+    """Read scores saved by `save_prune_scores`, after checking that they belong to this model's graph and fit it
+    (`check_prune_scores`); a `ValueError` naming the file otherwise."""
+    check_patchable(model)
+    if not Path(path).is_file(): raise FileNotFoundError(f"no scores file at {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != SCORES_FORMAT: raise ValueError(f"{path} is not a circuit_nb scores file")
+            _check_signature(model, meta.get("graph_signature"), path)
+            scores = {n: f.get_tensor(n).to(device or "cpu") for n in f.keys()}
+    except SafetensorError as e: raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+    return check_prune_scores(model, scores, f"the scores in {path}")
 
-def _check_signature(model: PatchableModel, signature: str, path):
+def _check_signature(model: PatchableModel, signature, path):
+    if signature is None: raise ValueError(f"{path} has no graph signature, so it cannot be matched to a graph")
     if signature != graph_signature(model):
         raise ValueError(f"{path} was saved for another graph (signature {signature}); this model's graph is {graph_signature(model)}")
 
@@ -67,19 +73,36 @@ def _check_signature(model: PatchableModel, signature: str, path):
 CIRCUIT_FORMAT = "circuit_nb.circuit/1"
 
 def save_circuit(model: PatchableModel, # the model the circuit is in
-                 edges: Iterable[Edge], # the circuit's edges
+                 edges: Iterable[Edge], # the circuit's edges (`Edge`s of the model's graph)
                  path: Union[str, Path]): # where to write (JSON)
     "Write a circuit's edge names with the graph's signature to a JSON file."
-    items = sorted((e.name, e.seq_idx) for e in edges)
+    check_patchable(model)
+    if isinstance(edges, (str, Edge)): raise TypeError("edges must be a collection of Edges, not a single edge")
+    edges = list(edges)
+    for e in edges:
+        if not isinstance(e, Edge): raise TypeError(f"edges must hold Edge objects, not {type(e).__name__}")
+        if e not in model.edges: raise ValueError(f"{e!r} is not an edge of the model's graph")
+    items = sorted((e.name, -1 if e.seq_idx is None else e.seq_idx) for e in edges)
     data = dict(format=CIRCUIT_FORMAT, graph_signature=graph_signature(model),
-                edges=[dict(name=n) if i is None else dict(name=n, seq_idx=i) for n, i in items])
+                edges=[dict(name=n) if i == -1 else dict(name=n, seq_idx=i) for n, i in items])
     Path(path).write_text(json.dumps(data, indent=1))
 
 def load_circuit(model: PatchableModel, # the model to find the edges in
                  path: Union[str, Path], # a file written by `save_circuit`
                 ) -> Set[Edge]:
-    "Read a circuit saved by `save_circuit` as the model's edges, after checking the graph signature."
-    data = json.loads(Path(path).read_text())
+    """Read a circuit saved by `save_circuit` as the model's edges, after checking the graph signature and
+    every edge; a `ValueError` naming the file otherwise."""
+    check_patchable(model)
+    try: data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{path} is not a JSON file ({e})") from None
     if not isinstance(data, dict) or data.get("format") != CIRCUIT_FORMAT: raise ValueError(f"{path} is not a circuit_nb circuit file")
-    _check_signature(model, data["graph_signature"], path)
-    return {model.find_edge(e["name"], e.get("seq_idx")) for e in data["edges"]}
+    _check_signature(model, data.get("graph_signature"), path)
+    if not isinstance(data.get("edges"), list): raise ValueError(f"{path} has no list of edges")
+    circuit = set()
+    for i, e in enumerate(data["edges"]):
+        seq_idx = e.get("seq_idx") if isinstance(e, dict) else None
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not (seq_idx is None or type(seq_idx) is int):
+            raise ValueError(f"{path}: edge {i} must be {{'name': str, 'seq_idx': int (graphs with positions)}}, not {e!r}")
+        try: circuit.add(model.find_edge(e["name"], seq_idx))
+        except KeyError as err: raise ValueError(f"{path}: edge {i}: {err.args[0]}") from None
+    return circuit
