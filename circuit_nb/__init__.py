@@ -20,9 +20,10 @@ from .subnetwork_probing import *
 from .evaluate import *
 from .baselines import *
 from .circuits import *
+from .prune_metrics import *
 from .draw import *
 from .storage import *
 from .zoo import *
-from . import types, checks, tensor_ops, adapter, progress_bars, graph, data, mask_gradients, edge_attribution_patching, subnetwork_probing, evaluate, baselines, circuits, draw, storage, zoo
+from . import types, checks, tensor_ops, adapter, progress_bars, graph, data, mask_gradients, edge_attribution_patching, subnetwork_probing, evaluate, baselines, circuits, prune_metrics, draw, storage, zoo
 
-__all__ = [name for module in (types, checks, tensor_ops, adapter, progress_bars, graph, data, mask_gradients, edge_attribution_patching, subnetwork_probing, evaluate, baselines, circuits, draw, storage, zoo) for name in module.__all__]
+__all__ = [name for module in (types, checks, tensor_ops, adapter, progress_bars, graph, data, mask_gradients, edge_attribution_patching, subnetwork_probing, evaluate, baselines, circuits, prune_metrics, draw, storage, zoo) for name in module.__all__]

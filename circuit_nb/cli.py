@@ -11,7 +11,7 @@ import torch as t
 from fastcore.script import call_parse, store_true
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from .circuits import circuit_edges, faithfulness_curves, plot_faithfulness, run_circuits
+from .circuits import PatchType, circuit_edges, edge_ranks, faithfulness_curves, plot_faithfulness, run_circuits
 from .evaluate import edge_auroc
 from .graph import draw_graph, edge_counts_util, patch_mode, patchable_model, set_all_masks, source_outputs
 from .mask_gradients import mask_gradient_prune_scores
@@ -38,11 +38,13 @@ def discover_circuit(task: str = "induction", # a zoo task, see `list_tasks()`
     print(f"task {task!r}: {model.n_edges} edges; {len(zoo_task.train_loader.dataset)} train / "
           f"{len(zoo_task.test_loader.dataset)} test prompts")
     scores = mask_gradient_prune_scores(model, zoo_task.train_loader, None, "logit", "avg_diff", mask_val=0.0)
-    ranked = sorted(model.edges, key=lambda e: -abs(e.prune_score(scores).item()))
+    ranks = edge_ranks(model, scores)  # refuses non-finite scores
+    ranked = sorted(model.edges, key=lambda e: int(e.prune_score(ranks)))
     print(f"top {top} edges by |edge attribution patching score|:")
     for e in ranked[:top]: print(f"  {e.name:<28} {e.prune_score(scores).item():+.4f}")
     counts = edge_counts_util(model.edges, EdgeCounts.LOGARITHMIC)
-    curves = faithfulness_curves(model, zoo_task.test_loader, run_circuits(model, zoo_task.test_loader, counts, scores),
+    curves = faithfulness_curves(model, zoo_task.test_loader, run_circuits(model, zoo_task.test_loader, counts, scores,
+                                                                  PatchType.TREE_PATCH),
                                  ["logit_diff_percent", "kl_div"])
     print("circuit size -> logit difference recovered, KL to the full model (test prompts):")
     for (k, pct), (_, kl) in zip(*curves.values()): print(f"  {k:>5} edges  {pct:7.1f} %   KL {kl:.4f}")

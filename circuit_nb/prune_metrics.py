@@ -17,8 +17,7 @@ from .types import check_option
 
 # %% auto #0
 __all__ = ['Measurements', 'PROB_FUNCS', 'measure_kl_div', 'measure_answer_diff', 'answer_diff_percent',
-           'measure_answer_diff_percent', 'measure_answer_val', 'correct_answer_greater_than_incorrect_proportion',
-           'measure_correct_ans_percent']
+           'measure_answer_diff_percent', 'measure_answer_val', 'measure_correct_ans_percent']
 
 # %% ../nbs/08a_prune_metrics.ipynb #c8a00006
 Measurements = List[Tuple[Union[int, float], Union[int, float]]]  # (edge count, value) per circuit size, as in auto-circuit
@@ -114,12 +113,6 @@ def _answer_beats_wrong(logits: Tensor, batch: PromptPairBatch) -> Tensor:
         v = logits[i]  # [..., vocab]
         results.append((v[..., a.reshape(-1)[0]] >= v[..., w.reshape(-1)].amax(-1)).float().mean())
     return t.stack(results)
-
-def correct_answer_greater_than_incorrect_proportion(logits: Tensor, # [batch, ..., vocab] outputs at `model.out_slice`
-                                                     batch: PromptPairBatch, # the batch `logits` were computed on (one answer per prompt)
-                                                    ) -> Tensor:
-    "The fraction of prompts whose answer's value is at least every wrong answer's (ties count for the answer): a scalar."
-    return _answer_beats_wrong(logits, batch).mean()
 
 def measure_correct_ans_percent(model: PatchableModel, # the model `pruned_outs` were computed on
                                 dataloader: PromptDataLoader, # the prompts `pruned_outs` were computed on
