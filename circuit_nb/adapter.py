@@ -4,7 +4,7 @@
 
 # %% ../nbs/00a_model_adapter.ipynb #ee451c5b
 from __future__ import annotations
-import dataclasses
+import copy, dataclasses, operator
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch as t
@@ -257,16 +257,16 @@ _NOT_COMPUTATION = {"device", "dtype", "seed", "init_mode", "init_weights", "ini
                     "tokenizer_prepends_bos", "default_prepend_bos", "n_params", "from_checkpoint", "checkpoint_index",
                     "checkpoint_label_type", "checkpoint_value", "trust_remote_code", *_FLAGS}
 
-def _computation(cfg) -> Dict[str, object]:
-    "The configuration fields that change what the forward pass computes, with their values."
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _NOT_COMPUTATION}
+_COMPUTATION = tuple(f.name for f in dataclasses.fields(HookedTransformerConfig) if f.name not in _NOT_COMPUTATION)
+_computation = operator.attrgetter(*_COMPUTATION)  # cfg -> the values of the fields that change what the forward pass computes
 
 def _has_hooks(module: nn.Module) -> bool:
+    "Whether any forward, forward-pre or backward hook is registered on `module`."
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
 
 @patch
 def take_over(self: TransformerLensAdapter,
-              module_names: Sequence[str], # hook points whose activations patching reads from the flags' hook points
+              module_names: Sequence[str], # the hook points patching hooks, other than projected head inputs
               projected_blocks: Iterable[int] = (), # blocks whose head inputs are patched after their projections
              ) -> Dict[str, bool]:
     "Check that no hook of the user's sits where patching works, set the flags patching needs and freeze the configuration; return the flags' previous values."
@@ -281,7 +281,7 @@ def take_over(self: TransformerLensAdapter,
         raise ValueError(f"the model has hooks on {', '.join(busy[:4])}{' ...' if len(busy) > 4 else ''}, where patching records or replaces "
                          "activations: they would see or change something else than the model computes. Remove them before wrapping "
                          "(model.reset_hooks(including_permanent=True))")
-    self._frozen_cfg, self._required_flags = _computation(self.cfg), tuple(f for f, on in flags.items() if on)
+    self._frozen_cfg, self._required_flags = copy.deepcopy(_computation(self.cfg)), tuple(f for f, on in flags.items() if on)
     return self.set_flags(flags)
 
 @patch
@@ -291,8 +291,8 @@ def check_unchanged(self: TransformerLensAdapter):
     cfg = self.cfg
     for flag in self._required_flags:
         if not getattr(cfg, flag): raise RuntimeError(f"model.cfg.{flag} was switched off after the model was wrapped; patching needs it on")
-    now = _computation(cfg)
+    now = _computation(cfg)  # a few microseconds: one tuple of attributes
     if now != self._frozen_cfg:
-        field = next(k for k in now if now[k] != self._frozen_cfg.get(k))
-        raise RuntimeError(f"model.cfg.{field} changed from {self._frozen_cfg.get(field)!r} to {now[field]!r} after the model was wrapped; "
+        field, was, new = next((f, a, b) for f, a, b in zip(_COMPUTATION, self._frozen_cfg, now) if a != b)
+        raise RuntimeError(f"model.cfg.{field} changed from {was!r} to {new!r} after the model was wrapped; "
                            "its graph and patching were made for the old value: unwrap it and wrap it again")
