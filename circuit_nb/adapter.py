@@ -11,6 +11,7 @@ import torch as t
 from fastcore.basics import patch
 from torch import nn
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 # %% auto #0
@@ -276,11 +277,12 @@ def take_over(self: TransformerLensAdapter,
     names = list(module_names) + [n for b in projected_blocks for n in (self.block_in(b), *(self.projected_head_in(b, l) for l in "QKV"))]
     names += [n for n in self.model.hook_dict if any(n.endswith(h) and f in switched_off for h, f in _FLAG_OF_HOOK.items())]
     busy = [n for n in dict.fromkeys(names) if _has_hooks(self.hook_point(n))]
-    busy += [f"blocks.{b}.ln1" for b in projected_blocks if _has_hooks(self.model.blocks[b].ln1)]
+    # PyTorch hooks on modules (ln1, attn, a block, the model) act where patching cannot see them, or where it hooks itself
+    busy += [n or "the model itself" for n, m in self.model.named_modules() if not isinstance(m, HookPoint) and _has_hooks(m)]
     if busy:
-        raise ValueError(f"the model has hooks on {', '.join(busy[:4])}{' ...' if len(busy) > 4 else ''}, where patching records or replaces "
-                         "activations: they would see or change something else than the model computes. Remove them before wrapping "
-                         "(model.reset_hooks(including_permanent=True))")
+        raise ValueError(f"the model has hooks on {', '.join(busy[:4])}{' ...' if len(busy) > 4 else ''}, where patching records, replaces "
+                         "or cannot see activations: they would see or change something else than the model computes. Remove them before "
+                         "wrapping (TransformerLens hooks: model.reset_hooks(including_permanent=True); PyTorch hooks: their handles)")
     self._frozen_cfg, self._required_flags = copy.deepcopy(_computation(self.cfg)), tuple(f for f, on in flags.items() if on)
     return self.set_flags(flags)
 
