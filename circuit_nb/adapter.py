@@ -4,16 +4,18 @@
 
 # %% ../nbs/00a_model_adapter.ipynb #ee451c5b
 from __future__ import annotations
-from typing import Callable, Dict, Optional, Sequence, Tuple
+import copy, dataclasses, operator
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch as t
 from fastcore.basics import patch
 from torch import nn
-from transformer_lens import HookedTransformer
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 # %% auto #0
-__all__ = ['TransformerLensAdapter']
+__all__ = ['TransformerLensAdapter', 'unsupported_features']
 
 # %% ../nbs/00a_model_adapter.ipynb #ff7de64e
 class TransformerLensAdapter:
@@ -23,10 +25,10 @@ class TransformerLensAdapter:
     def __init__(self, model: HookedTransformer):
         if not isinstance(model, HookedTransformer):
             raise TypeError(f"circuit_nb supports TransformerLens HookedTransformer models, not {type(model).__name__}")
-        n_kv = model.cfg.n_key_value_heads
-        if n_kv is not None and n_kv != model.cfg.n_heads:
-            raise NotImplementedError("grouped-query attention (n_key_value_heads != n_heads) is not supported yet")
+        refused = unsupported_features(model.cfg)
+        if refused: raise NotImplementedError("circuit_nb cannot patch this model exactly: " + "; ".join(refused))
         self.model, self.cfg = model, model.cfg
+        self._frozen_cfg, self._required_flags = None, ()  # set by `take_over` while the model is wrapped
 
     resid_start = "blocks.0.hook_resid_pre"  # the embeddings, as the residual stream enters block 0
     embed_weight, unembed_weight = "embed.W_E", "unembed.W_U"
@@ -35,6 +37,24 @@ class TransformerLensAdapter:
     d_model = property(lambda self: self.cfg.d_model)
     has_mlp = property(lambda self: not self.cfg.attn_only)
     parallel_attn_mlp = property(lambda self: bool(self.cfg.parallel_attn_mlp))
+
+# %% ../nbs/00a_model_adapter.ipynb #febb9cd3
+def unsupported_features(cfg: HookedTransformerConfig, # the model's configuration
+                        ) -> List[str]:
+    "Why the edges of `cfg`'s model cannot be patched exactly: one sentence per configuration field, naming it (empty when they can)."
+    refused, arch = [], cfg.original_architecture
+    n_kv = cfg.n_key_value_heads
+    if n_kv is not None and n_kv != cfg.n_heads:
+        refused.append(f"grouped-query attention (n_key_value_heads={n_kv} != n_heads={cfg.n_heads}) is not supported yet")
+    after_sum = "normalises each attention layer's output after its heads are summed, so a head adds no output of its own to the residual stream"
+    if cfg.use_normalization_before_and_after and cfg.normalization_type is not None:
+        refused.append(f"use_normalization_before_and_after=True (normalization_type={cfg.normalization_type!r}) {after_sum}")
+    if arch in POST_NORM_ARCHITECTURES: refused.append(f"original_architecture={arch!r} is post-norm: it {after_sum}")
+    if getattr(cfg, "load_in_4bit", False): refused.append("load_in_4bit=True packs W_O, from which head outputs are computed")
+    if cfg.n_devices > 1: refused.append(f"n_devices={cfg.n_devices}: patching keeps every source's output on one device")
+    if cfg.positional_embedding_type not in ("standard", "rotary", "shortformer", "alibi"):
+        refused.append(f"positional_embedding_type={cfg.positional_embedding_type!r} cannot be run by HookedTransformer")
+    return refused
 
 # %% ../nbs/00a_model_adapter.ipynb #7e905485
 @patch
@@ -68,11 +88,13 @@ def mlp_in_weight(self: TransformerLensAdapter, block): return f"blocks.{block}.
 _FLAG_OF_HOOK = {"attn.hook_result": "use_attn_result", "hook_q_input": "use_split_qkv_input",
                  "hook_k_input": "use_split_qkv_input", "hook_v_input": "use_split_qkv_input",
                  "hook_attn_in": "use_attn_in", "hook_mlp_in": "use_hook_mlp_in"}
+_FLAGS = ("use_attn_result", "use_split_qkv_input", "use_attn_in", "use_hook_mlp_in")
 
 @patch
 def flags_for(self: TransformerLensAdapter, module_names) -> Dict[str, bool]:
-    "The config flags that make the hook points `module_names` carry the graph's activations."
-    return {flag: True for name in module_names for hook, flag in _FLAG_OF_HOOK.items() if name.endswith(hook)}
+    "Each exposure flag's value that makes the hook points `module_names` carry the graph's activations: those they need on, the rest off."
+    needed = {flag for name in module_names for hook, flag in _FLAG_OF_HOOK.items() if name.endswith(hook)}
+    return {flag: flag in needed for flag in _FLAGS}
 
 @patch
 def set_flags(self: TransformerLensAdapter, flags: Dict[str, bool]) -> Dict[str, bool]:
@@ -99,7 +121,8 @@ def add_hook(self: TransformerLensAdapter, name: str, # hook point name
 def run(self: TransformerLensAdapter, tokens, *args, kv_cache=None,
         logits: bool = True, # False: stop after the last block (no final norm, no unembedding), returning the residual stream
         **kwargs):
-    "Run the model on `tokens`, after the prefix stored in `kv_cache` when one is given."
+    "Run the model on `tokens`, after the prefix stored in `kv_cache` when one is given; refuse if its configuration changed since `take_over`."
+    self.check_unchanged()
     if not logits: kwargs["stop_at_layer"] = self.n_layers
     if kv_cache is not None:
         kwargs["past_kv_cache"] = kv_cache
@@ -193,7 +216,10 @@ def hook_projection_inputs(self: TransformerLensAdapter, block,
     def on_norm(module, inputs, output):
         letter = "QKV"[calls[0] % 3]
         calls[0] += 1
-        return fn(letter, output)
+        new = fn(letter, output)
+        if new is not None and new.ndim < output.ndim:  # the block reads per-head copies (flags switched on since wrapping)
+            new = new.unsqueeze(-2).expand(*new.shape[:-1], output.shape[-2], new.shape[-1])
+        return new
     return [self.add_hook(self.block_in(block), reset), self.model.blocks[block].ln1.register_forward_hook(on_norm)]
 
 @patch
@@ -226,3 +252,49 @@ def head_input_vjp(self: TransformerLensAdapter, block, letter: str,
     "The gradient with respect to each head's own input `[head, batch, seq, d_model]`, where all of them equal `resid`."
     u = t.einsum("bshd,hmd->hbsm", grad, getattr(self.model.blocks[block].attn, f"W_{letter}"))
     return _norm_vjp(self.model.blocks[block].ln1, resid, u)
+
+# %% ../nbs/00a_model_adapter.ipynb #ed8fb06a
+_NOT_COMPUTATION = {"device", "dtype", "seed", "init_mode", "init_weights", "initializer_range", "model_name", "tokenizer_name",
+                    "tokenizer_prepends_bos", "default_prepend_bos", "n_params", "from_checkpoint", "checkpoint_index",
+                    "checkpoint_label_type", "checkpoint_value", "trust_remote_code", *_FLAGS}
+
+_COMPUTATION = tuple(f.name for f in dataclasses.fields(HookedTransformerConfig) if f.name not in _NOT_COMPUTATION)
+_computation = operator.attrgetter(*_COMPUTATION)  # cfg -> the values of the fields that change what the forward pass computes
+
+def _has_hooks(module: nn.Module) -> bool:
+    "Whether any forward, forward-pre or backward hook is registered on `module`."
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+@patch
+def take_over(self: TransformerLensAdapter,
+              module_names: Sequence[str], # the hook points patching hooks, other than projected head inputs
+              projected_blocks: Iterable[int] = (), # blocks whose head inputs are patched after their projections
+             ) -> Dict[str, bool]:
+    "Check that no hook of the user's sits where patching works, set the flags patching needs and freeze the configuration; return the flags' previous values."
+    projected_blocks = list(projected_blocks)
+    flags = self.flags_for(module_names)
+    switched_off = {f for f, on in flags.items() if not on and getattr(self.cfg, f)}
+    names = list(module_names) + [n for b in projected_blocks for n in (self.block_in(b), *(self.projected_head_in(b, l) for l in "QKV"))]
+    names += [n for n in self.model.hook_dict if any(n.endswith(h) and f in switched_off for h, f in _FLAG_OF_HOOK.items())]
+    busy = [n for n in dict.fromkeys(names) if _has_hooks(self.hook_point(n))]
+    # PyTorch hooks on modules (ln1, attn, a block, the model) act where patching cannot see them, or where it hooks itself
+    busy += [n or "the model itself" for n, m in self.model.named_modules() if not isinstance(m, HookPoint) and _has_hooks(m)]
+    if busy:
+        raise ValueError(f"the model has hooks on {', '.join(busy[:4])}{' ...' if len(busy) > 4 else ''}, where patching records, replaces "
+                         "or cannot see activations: they would see or change something else than the model computes. Remove them before "
+                         "wrapping (TransformerLens hooks: model.reset_hooks(including_permanent=True); PyTorch hooks: their handles)")
+    self._frozen_cfg, self._required_flags = copy.deepcopy(_computation(self.cfg)), tuple(f for f, on in flags.items() if on)
+    return self.set_flags(flags)
+
+@patch
+def check_unchanged(self: TransformerLensAdapter):
+    "Raise `RuntimeError` if the configuration changed since `take_over` in a way that changes the forward pass."
+    if self._frozen_cfg is None: return
+    cfg = self.cfg
+    for flag in self._required_flags:
+        if not getattr(cfg, flag): raise RuntimeError(f"model.cfg.{flag} was switched off after the model was wrapped; patching needs it on")
+    now = _computation(cfg)  # a few microseconds: one tuple of attributes
+    if now != self._frozen_cfg:
+        field, was, new = next((f, a, b) for f, a, b in zip(_COMPUTATION, self._frozen_cfg, now) if a != b)
+        raise RuntimeError(f"model.cfg.{field} changed from {was!r} to {new!r} after the model was wrapped; "
+                           "its graph and patching were made for the old value: unwrap it and wrap it again")

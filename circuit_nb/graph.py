@@ -591,7 +591,7 @@ def make_model_patchable(model: HookedTransformer, # the model to wrap, in place
     [w for w in wrappers if w.is_dest][-1].is_last_dest = True
     state.src_ranges = [w.src_range for w in src_wrappers]
     _plan_stages(state, [w for w in wrappers if w.is_dest])
-    saved_flags = adapter.set_flags(adapter.flags_for([m for m in module_names if m not in projected]))
+    saved_flags = adapter.take_over([m for m in module_names if m not in projected], sorted({p[0] for p in projected.values()}))
     handles = [adapter.add_hook(w.module_name, w.forward) for w in wrappers if not w.projected]
     handles += [adapter.add_hook(adapter.projected_head_in(w.projected[0], letter), partial(w.forward_projected, letter))
                 for w in wrappers if w.projected for letter in w.projected[1]]
