@@ -73,6 +73,7 @@ def answer_loss(vals: Tensor, # [batch, ..., vocab] values from `token_values`
 def frozen_parameters(module: nn.Module, # the module whose parameters stop requiring gradients
                      ) -> Iterator[nn.Module]:
     "Switch `requires_grad` off for every parameter of `module`; restore each flag on exit."
+    if not isinstance(module, nn.Module): raise TypeError(f"module must be a torch.nn.Module, not {type(module).__name__}")
     params = list(module.parameters())
     saved = [p.requires_grad for p in params]
     try:
@@ -198,8 +199,9 @@ class MaskGradientExplorer:
                  answer_function: str = "avg_diff", ablation_type: AblationType = AblationType.RESAMPLE,
                  clean_corrupt: Optional[str] = "corrupt", top_k: int = 10, mask_val: float = 0.0, max_samples: int = 20):
         import ipywidgets as widgets
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-            raise ValueError(f"top_k must be a positive int, not {top_k!r}")
+        check_patchable(model); check_loader(model, dataloader)
+        top_k, max_samples = check_int("top_k", top_k, lo=1), check_int("max_samples", max_samples, lo=1)
+        mask_val = check_number("mask_val", mask_val, lo=0, hi=1)  # the slider's range
         self.model, self.dataloader, self.top_k = model, dataloader, top_k
         self.options = dict(grad_function=grad_function, answer_function=answer_function, ablation_type=ablation_type,
                             clean_corrupt=clean_corrupt)

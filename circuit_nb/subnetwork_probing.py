@@ -47,6 +47,8 @@ def circuit_probabilities(mask_values: Tensor, # learned mask values (hard concr
                          ) -> Tensor:
     "For each mask, the probability (or, for deterministic gates, the degree) that its edge is in the circuit."
     check_option("mask_fn", mask_fn, [None, "hard_concrete", "sigmoid"])
+    if not isinstance(mask_values, Tensor) or not mask_values.is_floating_point():
+        raise TypeError(f"mask_values must be a floating-point tensor, not {getattr(mask_values, 'dtype', type(mask_values).__name__)}")
     if mask_fn is None: return 1 - mask_values if tree_optimisation else mask_values
     location = -mask_values if tree_optimisation else mask_values
     return t.sigmoid(location + L0_SHIFT) if mask_fn == "hard_concrete" else t.sigmoid(location)
@@ -70,6 +72,9 @@ def sp_faithfulness(logits: Tensor, # [batch, ..., vocab] logits of the gated mo
                    ) -> Tensor:
     "The faithfulness term subnetwork probing minimises: a scalar, lower is more faithful."
     check_option("faithfulness_target", faithfulness_target, SP_FAITHFULNESS_TARGETS)
+    if not isinstance(logits, Tensor) or not isinstance(clean_logits, Tensor) or logits.shape != clean_logits.shape:
+        shape = lambda x: tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"logits ({shape(logits)}) and clean_logits ({shape(clean_logits)}) must be tensors of one shape")
     if faithfulness_target == "kl_div": return multibatch_kl_div(log_softmax(logits, -1), log_softmax(clean_logits, -1))
     if faithfulness_target == "mse": return (logits - clean_logits).pow(2).mean()
     if faithfulness_target == "correct_percent":
@@ -296,6 +301,8 @@ def plot_subnetwork_probing(result: SubnetworkProbingResult, # what `train_subne
                             ax=None, # a matplotlib Axes to draw on (default: a new figure)
                            ):
     "Draw the training curves of a subnetwork probing run (faithfulness on a twin right axis); return the left Axes."
+    if not isinstance(result, SubnetworkProbingResult):
+        raise TypeError(f"result must be what train_subnetwork_probe returns (a SubnetworkProbingResult), not {type(result).__name__}")
     if ax is None:
         import matplotlib.pyplot as plt
         _, ax = plt.subplots(figsize=(7, 3.5))
