@@ -12,9 +12,10 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from .adapter import TransformerLensAdapter
+from .checks import check_finite, check_loader, check_patchable
 from .data import PromptDataLoader, batch_avg_answer_diff, batch_avg_answer_val
 from .graph import PatchableModel
-from .mask_gradients import frozen_parameters
+from .mask_gradients import _PromptWeights, _all_finite, _check_step_losses, frozen_parameters
 from .progress_bars import progress
 from .types import DestNode, Edge, PruneScores, SrcNode
 
@@ -59,52 +60,75 @@ def hook_points_exposed(tl_model: HookedTransformer, hook_names):
     try: yield
     finally: adapter.set_flags(previous)
 
+# %% ../nbs/04_edge_attribution_patching.ipynb #bf8ac44d
+def _add_batch_attributions(model: PatchableModel, batch, srcs: List[SrcNode], dests: Dict[str, List[DestNode]],
+                            scores: PruneScores, answer_diff: bool, weight: float) -> Tensor:
+    "Add `weight` × `batch`'s attribution scores into `scores` (allocating them on first use); return its loss."
+    tl_model = model.wrapped_model
+    src_hooks = list(dict.fromkeys(s.module_name for s in srcs))
+    corrupt_cache: Dict[str, Tensor] = {}
+    clean_cache: Dict[str, Tensor] = {}
+    dest_grads: Dict[str, Tensor] = {}
+    def cache_into(cache):
+        def hook_fn(act, hook): cache[hook.name] = act.detach()
+        return hook_fn
+    def start_gradients(act, hook):  # the parameters are frozen: gradients flow from the residual stream's start
+        return act.detach().requires_grad_(True)
+    def cache_gradient(grad, hook): dest_grads[hook.name] = grad.detach()
+    # `model(tokens)` runs the TransformerLens model (after a KV-cached prefix, if any); outside patch mode
+    # the patching hooks do nothing
+    with t.no_grad(), tl_model.hooks(fwd_hooks=[(name, cache_into(corrupt_cache)) for name in src_hooks]):
+        model(batch.corrupt)
+    fwd_hooks = [(srcs[0].module_name, start_gradients)] + [(name, cache_into(clean_cache)) for name in src_hooks]
+    with frozen_parameters(tl_model), hook_points_exposed(tl_model, dests), tl_model.hooks(fwd_hooks=fwd_hooks, bwd_hooks=[(name, cache_gradient) for name in dests]):
+        logits = model(batch.clean)[model.out_slice]
+        loss = -(batch_avg_answer_diff(logits, batch) if answer_diff else batch_avg_answer_val(logits, batch))
+        (loss if weight == 1.0 else loss * weight).backward()
+    if not scores:
+        dtype, layout = t.promote_types(tl_model.cfg.dtype, t.float32), model.new_prune_scores()
+        scores.update({name: t.zeros(layout[name].shape, dtype=dtype, device=logits.device) for name in dests})
+    with t.no_grad():
+        src_diffs = t.stack([_source_output(tl_model, s, corrupt_cache[s.module_name]) - _source_output(tl_model, s, clean_cache[s.module_name])
+                             for s in srcs])  # [n_srcs, batch, seq, d_model]
+        for name, nodes in dests.items():
+            if name not in dest_grads: continue  # no gradient reached it: the loss does not depend on it
+            lo, hi = nodes[0].min_src_idx, nodes[0].max_src_idx
+            per_edge = _dot_products(dest_grads[name], src_diffs[lo:hi], nodes[0].head_idx is not None,
+                                     model.seq_len is not None).to(scores[name].dtype)
+            if nodes[0].head_idx is not None:  # only the heads the graph has destinations for
+                heads = [d.head_idx for d in nodes]
+                scores[name][..., heads, :] += per_edge[..., heads, :]
+            else: scores[name] += per_edge
+    return loss.detach()
+
 # %% ../nbs/04_edge_attribution_patching.ipynb #d1eea589
 def edge_attribution_patching_prune_scores(model: PatchableModel, # the wrapped model (its masks are not used)
-                                           dataloader: PromptDataLoader, # the clean/corrupt prompts
+                                           dataloader: PromptDataLoader, # the clean/corrupt prompts (one pass: it may shuffle)
                                            official_edges: Optional[Set[Edge]], # the true circuit, if known; not used (API compatibility)
                                            answer_diff: bool = True, # loss = −answer difference (True) or −answer value
                                           ) -> PruneScores:
-    "Σ over batches and positions of ∂loss/∂(dest input) on the clean run · (corrupt − clean source output), for every edge."
+    """Edge attribution patching (Syed et al. 2023): for every edge, Σ over batches and positions of ∂loss/∂(dest input)
+    on the clean run · (corrupt − clean source output), each prompt weighing the same (see `_PromptWeights` in
+    `03_mask_gradients`). One tensor per destination module, shaped like its mask `[seq?, head?, source]`, on the
+    masks' device. A `TypeError`/`ValueError` names a bad argument; a `FloatingPointError` the batch whose loss or
+    scores are not finite."""
+    check_patchable(model)
+    check_loader(model, dataloader, same_batches=False)
     if not isinstance(answer_diff, bool): raise TypeError(f"answer_diff must be True or False, not {answer_diff!r}")
-    tl_model = model.wrapped_model
     srcs = sorted(model.srcs, key=lambda s: s.src_idx)
-    src_hooks = list(dict.fromkeys(s.module_name for s in srcs))
     dests = _dests_by_hook(model)
-    has_heads = {name: nodes[0].head_idx is not None for name, nodes in dests.items()}
     layout = model.new_prune_scores()
-    dtype = t.promote_types(tl_model.cfg.dtype, t.float32)
     scores: PruneScores = {}
-    for batch in progress(dataloader, desc="edge attribution patching"):
-        corrupt_cache: Dict[str, Tensor] = {}
-        clean_cache: Dict[str, Tensor] = {}
-        dest_grads: Dict[str, Tensor] = {}
-        def cache_into(cache):
-            def hook_fn(act, hook): cache[hook.name] = act.detach()
-            return hook_fn
-        def start_gradients(act, hook):  # the parameters are frozen: gradients flow from the residual stream's start
-            return act.detach().requires_grad_(True)
-        def cache_gradient(grad, hook): dest_grads[hook.name] = grad.detach()
-        # `model(tokens)` runs the TransformerLens model (after a KV-cached prefix, if any); outside patch mode
-        # the patching hooks do nothing
-        with t.no_grad(), tl_model.hooks(fwd_hooks=[(name, cache_into(corrupt_cache)) for name in src_hooks]):
-            model(batch.corrupt)
-        fwd_hooks = [(srcs[0].module_name, start_gradients)] + [(name, cache_into(clean_cache)) for name in src_hooks]
-        with frozen_parameters(tl_model), hook_points_exposed(tl_model, dests), tl_model.hooks(fwd_hooks=fwd_hooks, bwd_hooks=[(name, cache_gradient) for name in dests]):
-            logits = model(batch.clean)[model.out_slice]
-            answer = batch_avg_answer_diff(logits, batch) if answer_diff else batch_avg_answer_val(logits, batch)
-            (-answer).backward()
-        if not scores: scores = {name: t.zeros(layout[name].shape, dtype=dtype, device=logits.device) for name in dests}
-        with t.no_grad():
-            src_diffs = t.stack([_source_output(tl_model, s, corrupt_cache[s.module_name]) - _source_output(tl_model, s, clean_cache[s.module_name])
-                                 for s in srcs])  # [n_srcs, batch, seq, d_model]
-            for name, nodes in dests.items():
-                if name not in dest_grads: continue  # no gradient reached it: the loss does not depend on it
-                lo, hi = nodes[0].min_src_idx, nodes[0].max_src_idx
-                per_edge = _dot_products(dest_grads[name], src_diffs[lo:hi], has_heads[name], model.seq_len is not None).to(dtype)
-                if has_heads[name]:  # only the heads the graph has destinations for
-                    heads = [d.head_idx for d in nodes]
-                    scores[name][..., heads, :] += per_edge[..., heads, :]
-                else: scores[name] += per_edge
-    if not scores: raise ValueError("the dataloader yields no batches")
+    weights, losses, names = _PromptWeights(), [], []
+    for i, batch in enumerate(progress(dataloader, desc="edge attribution patching")):
+        losses.append(_add_batch_attributions(model, batch, srcs, dests, scores, answer_diff, weights(batch.clean.shape[0])))
+        names.append(f"batch {i} (key {batch.key}) of the dataloader")
+    _check_step_losses(losses, names)
+    if not _all_finite(scores):  # a finite loss with non-finite gradients: find the batch (only now, a second pass)
+        for i, batch in enumerate(dataloader):
+            part: PruneScores = {}
+            _add_batch_attributions(model, batch, srcs, dests, part, answer_diff, 1.0)
+            for name, s in part.items(): check_finite(s, f"the attribution scores at {name} on batch {i} (key {batch.key}) of the dataloader")
+        for name, s in scores.items(): check_finite(s, f"the summed attribution scores at {name}")
+    weights.finish(scores)
     return {name: scores[name].to(layout[name].device) for name in layout}

@@ -6,12 +6,13 @@
 from __future__ import annotations
 import io
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Literal, Optional, Set, Union
+from typing import Dict, Iterator, List, Literal, Optional, Set, Tuple, Union
 
 import torch as t
 from fastcore.basics import patch
 from torch import Tensor, nn
 
+from .checks import check_finite, check_int, check_loader, check_number, check_patchable
 from .data import (PromptDataLoader, PromptPairBatch, batch_avg_answer_diff, batch_avg_answer_val,
                              batch_src_ablations)
 from .graph import PatchableModel, draw_graph, out_slice_logits, patch_mode, set_all_masks, train_mask_mode
@@ -72,6 +73,7 @@ def answer_loss(vals: Tensor, # [batch, ..., vocab] values from `token_values`
 def frozen_parameters(module: nn.Module, # the module whose parameters stop requiring gradients
                      ) -> Iterator[nn.Module]:
     "Switch `requires_grad` off for every parameter of `module`; restore each flag on exit."
+    if not isinstance(module, nn.Module): raise TypeError(f"module must be a torch.nn.Module, not {type(module).__name__}")
     params = list(module.parameters())
     saved = [p.requires_grad for p in params]
     try:
@@ -80,24 +82,64 @@ def frozen_parameters(module: nn.Module, # the module whose parameters stop requ
     finally:
         for p, requires_grad in zip(params, saved): p.requires_grad_(requires_grad)
 
+# %% ../nbs/03_mask_gradients.ipynb #62061264
+class _PromptWeights:
+    "Weights that make a sum of per-batch means count every prompt the same; 1.0 (no change) when the batches are equal."
+    def __init__(self): self.first, self.n_batches, self.n_prompts = None, 0, 0
+
+    def __call__(self, batch_size: int, # prompts in the next batch
+                ) -> float:
+        "The next batch's weight: its size over the first batch's."
+        if self.first is None: self.first = batch_size
+        self.n_batches, self.n_prompts = self.n_batches + 1, self.n_prompts + batch_size
+        return batch_size / self.first
+
+    def finish(self, scores: PruneScores, # the weighted sums, scaled in place
+              ) -> PruneScores:
+        "Scale the weighted sums to n_batches × the mean over prompts (nothing to do when the batches were equal)."
+        factor = self.first * self.n_batches / self.n_prompts if self.n_prompts else 1.0
+        if factor != 1.0:
+            for s in scores.values(): s.mul_(factor)
+        return scores
+
+# %% ../nbs/03_mask_gradients.ipynb #4bad6441
+def _check_step_losses(losses: List[Tensor], # each step's scalar loss, in order (not yet synchronised)
+                       names: List[str], # what each step is, for the message: "batch 3 (key ...) at mask value 0.5"
+                      ):
+    "A `FloatingPointError` naming the first step whose loss is not finite; one synchronisation for all steps."
+    if not losses: return
+    stacked = t.stack([l.detach().reshape(()) for l in losses])
+    finite = t.isfinite(stacked)
+    if not bool(finite.all()):
+        first = int((~finite).nonzero()[0])
+        check_finite(stacked[first], f"the loss on {names[first]}")
+
+def _all_finite(scores: PruneScores) -> bool:
+    "Whether every score is finite (one synchronisation)."
+    return bool(t.stack([s.isfinite().all() for s in scores.values()]).all())
+
 # %% ../nbs/03_mask_gradients.ipynb #13655d7f
 def _mask_values(mask_val: Optional[float], integrated_grad_samples: Optional[int]) -> List[float]:
     "The mask values to take gradients at: `[mask_val]`, or 0, 1/n, ..., 1 for n integrated-gradient samples."
     if (mask_val is None) == (integrated_grad_samples is None):
         raise ValueError("give exactly one of mask_val (gradients at one mask value) and integrated_grad_samples "
                          f"(integrated gradients), not {'both' if mask_val is not None else 'neither'}")
-    if mask_val is not None:
-        if isinstance(mask_val, bool) or not isinstance(mask_val, (int, float)):
-            raise TypeError(f"mask_val must be a number, not {mask_val!r}")
-        return [float(mask_val)]
-    n = integrated_grad_samples
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"integrated_grad_samples must be a positive int, not {n!r}")
+    if mask_val is not None: return [check_number("mask_val", mask_val)]
+    n = check_int("integrated_grad_samples", integrated_grad_samples, lo=1)
     return [i / n for i in range(n + 1)]
+
+def _batch_gradients(model: PatchableModel, batch: PromptPairBatch, src_outs: Tensor, params: List[Tensor],
+                     grad_function: str, answer_function: str) -> Tuple[Tensor, Tuple[Optional[Tensor], ...]]:
+    "The loss on `batch` with the masks as they are, and its gradient with respect to each of `params` (None: no dependence)."
+    with patch_mode(model, src_outs):
+        logits = out_slice_logits(model, batch.clean)
+        loss = answer_loss(token_values(logits, grad_function), batch, answer_function)
+        grads = t.autograd.grad(loss, params, allow_unused=True)
+    return loss.detach(), grads
 
 # %% ../nbs/03_mask_gradients.ipynb #56c98dca
 def mask_gradient_prune_scores(model: PatchableModel, # the wrapped model
-                               dataloader: PromptDataLoader, # the prompts; must yield the same batches on every pass
+                               dataloader: PromptDataLoader, # the prompts; must yield the same batches on every pass (shuffle=False)
                                official_edges: Optional[Set[Edge]], # the true circuit, if known; not used (API compatibility)
                                grad_function: Literal["logit", "prob", "logprob", "logit_exp"], # what is differentiated
                                answer_function: Literal["avg_diff", "avg_val", "mse"], # what the loss measures
@@ -106,7 +148,13 @@ def mask_gradient_prune_scores(model: PatchableModel, # the wrapped model
                                ablation_type: AblationType = AblationType.RESAMPLE, # what a patched edge carries
                                clean_corrupt: Optional[Literal["clean", "corrupt"]] = "corrupt", # prompts of RESAMPLE / batch means
                               ) -> PruneScores:
-    "Score each edge by the gradient of the loss with respect to its mask, summed over batches (and mask values)."
+    """Score each edge by the gradient of the loss with respect to its mask (attribution patching, Syed et al. 2023, at
+    `mask_val=0`; integrated gradients, Sundararajan et al. 2017, with `integrated_grad_samples`): one tensor per
+    destination module, shaped like its mask `[seq?, head?, source]`, summed over batches (each prompt weighing the same,
+    see `_PromptWeights`) and mask values. A `TypeError`/`ValueError` names a bad argument; a `FloatingPointError`
+    names the batch whose loss or gradients are not finite."""
+    check_patchable(model)
+    check_loader(model, dataloader)
     mask_values = _mask_values(mask_val, integrated_grad_samples)
     check_option("grad_function", grad_function, GRAD_FUNCTIONS)
     check_option("answer_function", answer_function, ANSWER_FUNCTIONS)
@@ -117,24 +165,32 @@ def mask_gradient_prune_scores(model: PatchableModel, # the wrapped model
     if any(tuple(m.shape) != tuple(w.mask_shape) for m, w in zip(masks.values(), model.dest_wrappers)):
         raise ValueError("the masks have a per-prompt axis (set_mask_batch_size); take mask gradients outside that block")
     src_outs = batch_src_ablations(model, dataloader, ablation_type, clean_corrupt)
-    if not src_outs: raise ValueError("the dataloader yields no batches")
     names, params = list(masks), list(masks.values())
     scores = {name: t.zeros(m.shape, dtype=t.promote_types(m.dtype, t.float32), device=m.device) for name, m in masks.items()}
-    steps = ((val, batch) for val in mask_values for batch in dataloader)
+    weights, losses, steps = _PromptWeights(), [], []
+    step_name = lambda val, i, key: f"batch {i} (key {key}) of the dataloader at mask value {val:g}"
     with frozen_parameters(model.wrapped_model), train_mask_mode(model):
         current_val = None
-        for val, batch in progress(steps, desc="mask gradients", total=len(mask_values) * len(dataloader)):
+        batches = ((val, i, batch) for val in mask_values for i, batch in enumerate(dataloader))
+        for val, i, batch in progress(batches, desc="mask gradients", total=len(mask_values) * len(dataloader)):
             if val != current_val: set_all_masks(model, val); current_val = val
             if batch.key not in src_outs:
                 raise ValueError("the dataloader yielded a batch it did not yield before: mask gradients pass over it "
                                  "several times and need the same batches each time (shuffle=False)")
-            with patch_mode(model, src_outs[batch.key]):
-                logits = out_slice_logits(model, batch.clean)
-                loss = answer_loss(token_values(logits, grad_function), batch, answer_function)
-                grads = t.autograd.grad(loss, params, allow_unused=True)
+            loss, grads = _batch_gradients(model, batch, src_outs[batch.key], params, grad_function, answer_function)
+            weight = weights(batch.clean.shape[0])
             for name, grad in zip(names, grads):
-                if grad is not None: scores[name] += grad
-    return scores
+                if grad is not None: scores[name].add_(grad, alpha=weight)
+            losses.append(loss); steps.append((val, i, batch.key))
+        _check_step_losses(losses, [step_name(*s) for s in steps])
+        if not _all_finite(scores):  # a finite loss with non-finite gradients: find the batch (only now, a second pass)
+            for val in mask_values:
+                set_all_masks(model, val)
+                for i, batch in enumerate(dataloader):
+                    for grad in _batch_gradients(model, batch, src_outs[batch.key], params, grad_function, answer_function)[1]:
+                        if grad is not None: check_finite(grad, f"the mask gradients on {step_name(val, i, batch.key)}")
+            for name, s in scores.items(): check_finite(s, f"the summed mask gradients at {name}")
+    return weights.finish(scores)
 
 # %% ../nbs/03_mask_gradients.ipynb #4c23a8df
 class MaskGradientExplorer:
@@ -143,8 +199,9 @@ class MaskGradientExplorer:
                  answer_function: str = "avg_diff", ablation_type: AblationType = AblationType.RESAMPLE,
                  clean_corrupt: Optional[str] = "corrupt", top_k: int = 10, mask_val: float = 0.0, max_samples: int = 20):
         import ipywidgets as widgets
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-            raise ValueError(f"top_k must be a positive int, not {top_k!r}")
+        check_patchable(model); check_loader(model, dataloader)
+        top_k, max_samples = check_int("top_k", top_k, lo=1), check_int("max_samples", max_samples, lo=1)
+        mask_val = check_number("mask_val", mask_val, lo=0, hi=1)  # the slider's range
         self.model, self.dataloader, self.top_k = model, dataloader, top_k
         self.options = dict(grad_function=grad_function, answer_function=answer_function, ablation_type=ablation_type,
                             clean_corrupt=clean_corrupt)

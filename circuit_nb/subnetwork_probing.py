@@ -7,14 +7,15 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Literal, Optional, Set, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Literal, Optional, Set, Tuple, Union
 
 import torch as t
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.functional import log_softmax
 
+from .checks import check_finite, check_int, check_loader, check_number, check_patchable
 from .data import (BatchKey, PromptDataLoader, PromptPairBatch, answer_means, batch_answer_diff_percents,
-                             batch_avg_answer_val, batch_src_ablations, correct_answer_proportion, multibatch_kl_div)
+                             batch_avg_answer_val, correct_answer_proportion, multibatch_kl_div, src_ablations)
 from .graph import (HARD_CONCRETE_STRETCH, HARD_CONCRETE_TEMPERATURE, PatchableModel, draw_graph,
                               mask_fn_mode, out_slice_logits, patch_mode, set_all_masks, train_mask_mode)
 from .progress_bars import progress
@@ -46,6 +47,8 @@ def circuit_probabilities(mask_values: Tensor, # learned mask values (hard concr
                          ) -> Tensor:
     "For each mask, the probability (or, for deterministic gates, the degree) that its edge is in the circuit."
     check_option("mask_fn", mask_fn, [None, "hard_concrete", "sigmoid"])
+    if not isinstance(mask_values, Tensor) or not mask_values.is_floating_point():
+        raise TypeError(f"mask_values must be a floating-point tensor, not {getattr(mask_values, 'dtype', type(mask_values).__name__)}")
     if mask_fn is None: return 1 - mask_values if tree_optimisation else mask_values
     location = -mask_values if tree_optimisation else mask_values
     return t.sigmoid(location + L0_SHIFT) if mask_fn == "hard_concrete" else t.sigmoid(location)
@@ -69,6 +72,9 @@ def sp_faithfulness(logits: Tensor, # [batch, ..., vocab] logits of the gated mo
                    ) -> Tensor:
     "The faithfulness term subnetwork probing minimises: a scalar, lower is more faithful."
     check_option("faithfulness_target", faithfulness_target, SP_FAITHFULNESS_TARGETS)
+    if not isinstance(logits, Tensor) or not isinstance(clean_logits, Tensor) or logits.shape != clean_logits.shape:
+        shape = lambda x: tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"logits ({shape(logits)}) and clean_logits ({shape(clean_logits)}) must be tensors of one shape")
     if faithfulness_target == "kl_div": return multibatch_kl_div(log_softmax(logits, -1), log_softmax(clean_logits, -1))
     if faithfulness_target == "mse": return (logits - clean_logits).pow(2).mean()
     if faithfulness_target == "correct_percent":
@@ -79,15 +85,35 @@ def sp_faithfulness(logits: Tensor, # [batch, ..., vocab] logits of the gated mo
     return -batch_avg_answer_val(logits, batch, wrong_answer=faithfulness_target == "wrong_answer")
 
 # %% ../nbs/05_subnetwork_probing.ipynb #2ce4b5a2
-def _reference_outputs(model: PatchableModel, dataloader: PromptDataLoader, tree_optimisation: bool, which: str,
-                      ) -> Tuple[Dict[BatchKey, Tensor], Dict[BatchKey, Tensor]]:
-    "Per batch key: the full model's clean logits at `out_slice`, and the source outputs the gates patch in."
-    if not isinstance(dataloader, PromptDataLoader):
-        raise TypeError(f"the {which} dataloader must be a PromptDataLoader, not {type(dataloader).__name__}")
-    if len(dataloader) == 0: raise ValueError(f"the {which} dataloader yields no batches")
-    with t.no_grad(): clean = {b.key: out_slice_logits(model, b.clean) for b in dataloader}
-    patch = batch_src_ablations(model, dataloader, AblationType.RESAMPLE, "corrupt" if tree_optimisation else "clean")
-    return clean, patch
+class _References:
+    "Per prompt: the full model's clean logits at `out_slice` and the source outputs the gates patch in."
+    def __init__(self, model: PatchableModel, # the wrapped model
+                 dataloader: PromptDataLoader, # the prompts (it may shuffle)
+                 tree_optimisation: bool, # patch the corrupt (True) or the clean (False) source outputs
+                ):
+        self.tables: Tuple[Dict[BatchKey, Tensor], Dict[BatchKey, Tensor]] = ({}, {})  # logits, patch values, by batch key
+        self.where: Tuple[Dict[int, Tuple[BatchKey, int]], ...] = ({}, {})  # prompt index -> (batch key, row)
+        side = "corrupt" if tree_optimisation else "clean"
+        with t.no_grad():
+            for b in dataloader: self._keep(0, b, out_slice_logits(model, b.clean))
+            for b in dataloader: self._keep(1, b, src_ablations(model, getattr(b, side), AblationType.RESAMPLE))
+
+    def _keep(self, which: int, batch: PromptPairBatch, value: Tensor):
+        self.tables[which][batch.key] = value
+        for row, idx in enumerate(batch.prompt_idxs): self.where[which][idx] = (batch.key, row)
+
+    def _lookup(self, which: int, batch: PromptPairBatch, axis: int) -> Tensor:
+        table, where = self.tables[which], self.where[which]
+        if batch.key in table: return table[batch.key]
+        missing = [i for i in batch.prompt_idxs if i not in where]
+        if missing: raise ValueError(f"the dataloader drew prompt {missing[0]}, which it did not draw when the reference outputs "
+                                     "were computed; use a sampler that visits every prompt once per pass")
+        return t.stack([table[key].select(axis, row) for key, row in (where[i] for i in batch.prompt_idxs)], dim=axis)
+
+    def __call__(self, batch: PromptPairBatch, # a batch of the dataloader's prompts, in any grouping
+                ) -> Tuple[Tensor, Tensor]:
+        "The clean logits `[batch, ..., vocab]` and the patch values `[n_srcs, batch, seq, d_model]` of `batch`."
+        return self._lookup(0, batch, 0), self._lookup(1, batch, 1)
 
 # %% ../nbs/05_subnetwork_probing.ipynb #ca5f624e
 def _resolve_avoid_edges(model: PatchableModel, avoid_edges: Optional[Iterable[Union[Edge, str]]]) -> List[Edge]:
@@ -118,20 +144,38 @@ def _borrowed(model: PatchableModel):
         for p, rg in zip(params, requires_grad): p.requires_grad_(rg)
         for m, training in modes: m.training = training
 
+# %% ../nbs/05_subnetwork_probing.ipynb #e9728716
+@contextmanager
+def _float32_masks(model: PatchableModel, # the wrapped model
+                  ) -> Iterator[Dict[str, nn.Parameter]]:
+    "Within the block the model's masks are float32 copies of themselves (unless already float32 or float64); yield them."
+    wrappers = model.dest_wrappers
+    saved = [w.patch_mask for w in wrappers]
+    try:
+        for w, m in zip(wrappers, saved):
+            if m.dtype not in (t.float32, t.float64):
+                w.patch_mask = nn.Parameter(m.detach().float().clone(), requires_grad=m.requires_grad)
+        yield model.patch_masks
+    finally:
+        for w, m in zip(wrappers, saved): w.patch_mask = m
+
 # %% ../nbs/05_subnetwork_probing.ipynb #288e3766
-def _validation_faithfulness(model: PatchableModel, dataloader: PromptDataLoader, refs, mask_fn: MaskFn,
-                             tree_optimisation: bool, faithfulness_target: str) -> float:
-    "The mean faithfulness term over `dataloader` with noise-free gates and no dropout."
-    clean, patch = refs
+def _validation_faithfulness(model: PatchableModel, dataloader: PromptDataLoader, refs: _References, mask_fn: MaskFn,
+                             tree_optimisation: bool, faithfulness_target: str, step: str) -> float:
+    "The faithfulness term over `dataloader`, each prompt weighing the same, with noise-free gates and no dropout."
     model.eval()
-    values = []
+    values, sizes = [], []
     with t.no_grad(), mask_fn_mode(model, mask_fn, 0.0):
-        for batch in dataloader:
-            with patch_mode(model, patch[batch.key]):
+        for i, batch in enumerate(dataloader):
+            clean_logits, patch = refs(batch)
+            with patch_mode(model, patch):
                 logits = out_slice_logits(model, batch.clean if tree_optimisation else batch.corrupt)
-                values.append(sp_faithfulness(logits, clean[batch.key], batch, faithfulness_target).item())
+                value = sp_faithfulness(logits, clean_logits, batch, faithfulness_target)
+            check_finite(value, f"the validation faithfulness on batch {i} (key {batch.key}) of validation_dataloader after {step}")
+            values.append(value.item()); sizes.append(batch.clean.shape[0])
     model.train()
-    return sum(values) / len(values)
+    if len(set(sizes)) == 1: return sum(values) / len(values)  # equal batches: the mean of the batch means
+    return sum(v * n for v, n in zip(values, sizes)) / sum(sizes)
 
 # %% ../nbs/05_subnetwork_probing.ipynb #3441558f
 @dataclass
@@ -159,75 +203,82 @@ def _scores_and_circuit(model: PatchableModel, masks: PruneScores, mask_fn: Mask
     return scores, [e for e in model.edges if inside[e.dest.module_name][e.patch_idx]]
 
 # %% ../nbs/05_subnetwork_probing.ipynb #c3a90567
-def _check_sp_args(model, learning_rate, epochs, regularize_lambda, init_val, circuit_size, avoid_lambda):
-    if not isinstance(model, PatchableModel):
-        raise TypeError(f"model must be a PatchableModel (see patchable_model), not {type(model).__name__}")
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, not {epochs!r}")
-    for name, value in (("learning_rate", learning_rate), ("regularize_lambda", regularize_lambda), ("avoid_lambda", avoid_lambda)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
-    if not isinstance(init_val, (int, float)) or isinstance(init_val, bool) or not math.isfinite(init_val):
-        raise ValueError(f"init_val must be a finite number, not {init_val!r}")
-    if circuit_size is not None and (not isinstance(circuit_size, int) or isinstance(circuit_size, bool) or circuit_size < 1):
-        raise ValueError(f"circuit_size must be a positive int or None, not {circuit_size!r}")
+def _check_sp_args(model, dataloader, learning_rate, epochs, regularize_lambda, mask_fn, dropout_p, init_val, circuit_size,
+                   tree_optimisation, avoid_lambda, faithfulness_target, validation_dataloader):
+    "Check every argument of `train_subnetwork_probe` with the shared validators; the first bad one raises, naming it."
+    check_patchable(model)
+    check_loader(model, dataloader, same_batches=False)  # training may shuffle: the references are kept per prompt
+    if validation_dataloader is not None: check_loader(model, validation_dataloader, "validation_dataloader")
+    check_number("learning_rate", learning_rate, lo=0)
+    check_int("epochs", epochs, lo=1)
+    check_number("regularize_lambda", regularize_lambda, lo=0)
+    check_option("mask_fn", mask_fn, [None, "hard_concrete", "sigmoid"])
+    if check_number("dropout_p", dropout_p, lo=0) >= 1: raise ValueError(f"dropout_p must be < 1, not {dropout_p}")
+    check_number("init_val", init_val)
+    if circuit_size is not None: check_int("circuit_size", circuit_size, lo=1)
+    if not isinstance(tree_optimisation, bool): raise TypeError(f"tree_optimisation must be True or False, not {tree_optimisation!r}")
+    check_number("avoid_lambda", avoid_lambda, lo=0)
+    check_option("faithfulness_target", faithfulness_target, SP_FAITHFULNESS_TARGETS)
 
 # %% ../nbs/05_subnetwork_probing.ipynb #f19b67b4
 def train_subnetwork_probe(model: PatchableModel, # the wrapped model (see `patchable_model`)
-                           dataloader: PromptDataLoader, # the prompts to train the masks on
+                           dataloader: PromptDataLoader, # the prompts to train the masks on (it may shuffle)
                            learning_rate: float = 0.1, # Adam's learning rate on the masks
                            epochs: int = 20, # passes over `dataloader`
                            regularize_lambda: float = 10, # weight of the circuit-size term
                            mask_fn: MaskFn = "hard_concrete", # masks -> gates: "hard_concrete", "sigmoid" or None
-                           dropout_p: float = 0.0, # dropout on the gates during training
+                           dropout_p: float = 0.0, # dropout on the gates during training, in [0, 1)
                            init_val: float = SP_INIT_VAL, # starting mask of an edge in the circuit (Cao et al.: log 5)
                            circuit_size: Optional[int] = None, # penalise only expected sizes above this
                            tree_optimisation: bool = False, # learn which edges can be ablated, on the clean prompt
                            avoid_edges: Optional[Iterable[Union[Edge, str]]] = None, # edges (or names) to keep out of the circuit
                            avoid_lambda: float = 1.0, # weight of the penalty on `avoid_edges`
                            faithfulness_target: SPFaithfulnessTarget = "kl_div", # what the circuit must preserve
-                           validation_dataloader: Optional[PromptDataLoader] = None, # also track faithfulness on these
+                           validation_dataloader: Optional[PromptDataLoader] = None, # also track faithfulness on these (shuffle=False)
                           ) -> SubnetworkProbingResult:
-    "Learn a gate per edge: as faithful and as small a circuit as possible. The model is left as it was."
-    _check_sp_args(model, learning_rate, epochs, regularize_lambda, init_val, circuit_size, avoid_lambda)
-    check_option("faithfulness_target", faithfulness_target, SP_FAITHFULNESS_TARGETS)
-    check_option("mask_fn", mask_fn, [None, "hard_concrete", "sigmoid"])
+    """Subnetwork probing (Cao, Sanh and Rush 2021; hard concrete gates of Louizos et al. 2018): learn a gate per edge,
+    as faithful and as small a circuit as possible, with Adam on float32 masks whatever the model's dtype. The model
+    is left as it was. A `TypeError`/`ValueError` names a bad argument; a `FloatingPointError` the step whose loss or
+    learned masks are not finite."""
+    _check_sp_args(model, dataloader, learning_rate, epochs, regularize_lambda, mask_fn, dropout_p, init_val, circuit_size,
+                   tree_optimisation, avoid_lambda, faithfulness_target, validation_dataloader)
     avoid = _resolve_avoid_edges(model, avoid_edges)
-    train_refs = _reference_outputs(model, dataloader, tree_optimisation, "train")
-    val_refs = None if validation_dataloader is None else _reference_outputs(model, validation_dataloader, tree_optimisation, "validation")
+    train_refs = _References(model, dataloader, tree_optimisation)
+    val_refs = None if validation_dataloader is None else _References(model, validation_dataloader, tree_optimisation)
     history = {k: [] for k in ("loss", "faithfulness", "regularisation", "avoid_penalty", "expected_circuit_size", "validation_faithfulness")}
     in_circuit = lambda mask: circuit_probabilities(mask, mask_fn, tree_optimisation)
-    with _borrowed(model), train_mask_mode(model) as masks, mask_fn_mode(model, mask_fn, dropout_p):
+    hint = "; logit_diff_percent divides by each prompt's clean answer difference" if faithfulness_target == "logit_diff_percent" else ""
+    with _borrowed(model), train_mask_mode(model), _float32_masks(model) as masks, mask_fn_mode(model, mask_fn, dropout_p):
         set_all_masks(model, _initial_mask(init_val, mask_fn, tree_optimisation))
         optim = t.optim.Adam(masks.values(), lr=learning_rate)
         model.train()
         for epoch in (bar := progress(range(epochs), desc="Subnetwork probing")):
-            for batch in dataloader:
+            for i, batch in enumerate(dataloader):
+                step = f"epoch {epoch}, batch {i} (key {batch.key}) of the dataloader"
                 optim.zero_grad(set_to_none=True)
-                with patch_mode(model, train_refs[1][batch.key]):
+                clean_logits, patch = train_refs(batch)
+                with patch_mode(model, patch):
                     logits = out_slice_logits(model, batch.clean if tree_optimisation else batch.corrupt)
-                    faith = sp_faithfulness(logits, train_refs[0][batch.key], batch, faithfulness_target)
+                    faith = sp_faithfulness(logits, clean_logits, batch, faithfulness_target)
                     expected = in_circuit(t.cat([m.flatten() for m in masks.values()])).sum()
                     size = t.relu(expected - circuit_size) / circuit_size if circuit_size else expected / model.n_edges
                     avoid_penalty = (avoid_lambda * t.stack([in_circuit(masks[e.dest.module_name][e.patch_idx]) for e in avoid]).mean()
                                      if avoid else t.zeros((), device=faith.device))
                     loss = faith + regularize_lambda * size + avoid_penalty
-                    if not t.isfinite(loss):
-                        raise FloatingPointError(
-                            f"subnetwork probing loss is {loss.item()} at epoch {epoch} (faithfulness {faith.item()}, "
-                            f"size term {size.item()}): check the faithfulness target on these prompts (logit_diff_percent "
-                            "divides by the clean answer difference), or lower learning_rate")
+                    values = t.stack([v.detach().double() for v in (loss, faith, regularize_lambda * size, avoid_penalty, expected)]).tolist()
+                    check_finite(loss.detach(), f"the subnetwork probing loss at {step} (faithfulness {values[1]:.4g}, "
+                                                f"size term {values[2]:.4g}{hint})")
                     loss.backward()
                     grads = {name: m.grad for name, m in masks.items()}
                 for name, m in masks.items(): m.grad = grads[name]
                 optim.step()
                 if mask_fn is None: _clip_masks(masks)
-                for key, value in (("loss", loss), ("faithfulness", faith), ("regularisation", regularize_lambda * size),
-                                   ("avoid_penalty", avoid_penalty), ("expected_circuit_size", expected)):
-                    history[key].append(value.item())
+                check_finite(t.cat([m.detach().flatten() for m in masks.values()]), f"the learned masks after {step}")
+                for key, value in zip(("loss", "faithfulness", "regularisation", "avoid_penalty", "expected_circuit_size"), values):
+                    history[key].append(value)
                 if val_refs is not None:
                     history["validation_faithfulness"].append(_validation_faithfulness(
-                        model, validation_dataloader, val_refs, mask_fn, tree_optimisation, faithfulness_target))
+                        model, validation_dataloader, val_refs, mask_fn, tree_optimisation, faithfulness_target, step))
             bar.set_postfix(loss=history["loss"][-1], refresh=False)
         mask_values = {name: m.detach().clone() for name, m in masks.items()}
     scores, circuit = _scores_and_circuit(model, mask_values, mask_fn, tree_optimisation)
@@ -250,6 +301,8 @@ def plot_subnetwork_probing(result: SubnetworkProbingResult, # what `train_subne
                             ax=None, # a matplotlib Axes to draw on (default: a new figure)
                            ):
     "Draw the training curves of a subnetwork probing run (faithfulness on a twin right axis); return the left Axes."
+    if not isinstance(result, SubnetworkProbingResult):
+        raise TypeError(f"result must be what train_subnetwork_probe returns (a SubnetworkProbingResult), not {type(result).__name__}")
     if ax is None:
         import matplotlib.pyplot as plt
         _, ax = plt.subplots(figsize=(7, 3.5))
@@ -270,7 +323,7 @@ def plot_subnetwork_probing(result: SubnetworkProbingResult, # what `train_subne
 
 # %% ../nbs/05_subnetwork_probing.ipynb #df57b68a
 def subnetwork_probing_prune_scores(model: PatchableModel, # the wrapped model (see `patchable_model`)
-                                    dataloader: PromptDataLoader, # the prompts to train the masks on
+                                    dataloader: PromptDataLoader, # the prompts to train the masks on (it may shuffle)
                                     official_edges: Optional[Set[Edge]], # not used (common signature of the algorithms)
                                     learning_rate: float = 0.1, # Adam's learning rate on the masks
                                     epochs: int = 20, # passes over `dataloader`
@@ -284,9 +337,10 @@ def subnetwork_probing_prune_scores(model: PatchableModel, # the wrapped model (
                                     avoid_edges: Optional[Iterable[Union[Edge, str]]] = None, # edges (or names) to keep out
                                     avoid_lambda: float = 1.0, # weight of the penalty on `avoid_edges`
                                     faithfulness_target: SPFaithfulnessTarget = "kl_div", # what the circuit must preserve
-                                    validation_dataloader: Optional[PromptDataLoader] = None, # also track faithfulness on these
+                                    validation_dataloader: Optional[PromptDataLoader] = None, # also track faithfulness on these (shuffle=False)
                                    ) -> PruneScores:
     "Subnetwork probing scores: the learned gates, shifted to >= 0, the circuit's edges highest."
+    if not isinstance(show_train_graph, bool): raise TypeError(f"show_train_graph must be True or False, not {show_train_graph!r}")
     result = train_subnetwork_probe(model, dataloader, learning_rate, epochs, regularize_lambda, mask_fn, dropout_p, init_val,
                                 circuit_size, tree_optimisation, avoid_edges, avoid_lambda, faithfulness_target,
                                 validation_dataloader)
@@ -299,6 +353,11 @@ class SubnetworkProbingExplorer:
     def __init__(self, model: PatchableModel, dataloader: PromptDataLoader, regularize_lambda: float, seed: int,
                  log10_range: Tuple[float, float], sp_kwargs: dict):
         import ipywidgets as widgets
+        regularize_lambda, seed = check_number("regularize_lambda", regularize_lambda, lo=0), check_int("seed", seed)
+        if not isinstance(log10_range, (tuple, list)) or len(log10_range) != 2:
+            raise TypeError(f"log10_range must be a pair (lowest, highest power of 10), not {log10_range!r}")
+        log10_range = tuple(check_number(f"log10_range[{i}]", v) for i, v in enumerate(log10_range))
+        if log10_range[0] >= log10_range[1]: raise ValueError(f"log10_range must rise, not {log10_range!r}")
         if not 10 ** log10_range[0] <= regularize_lambda <= 10 ** log10_range[1]:
             raise ValueError(f"regularize_lambda={regularize_lambda!r} is outside the control's range "
                              f"[{10 ** log10_range[0]:g}, {10 ** log10_range[1]:g}]; widen log10_range")
