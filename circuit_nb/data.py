@@ -410,6 +410,12 @@ def _cut_prefix(dataset: PromptDataset, n: int, # how many leading tokens to cut
     return tails, None if seq_labels is None else list(seq_labels[n:]), word_idxs
 
 # %% ../nbs/02_data.ipynb #8b7bc783
+def _check_batch(batch) -> PromptPairBatch:
+    "`batch` if it is a `PromptPairBatch`; a `TypeError` otherwise."
+    if not isinstance(batch, PromptPairBatch):
+        raise TypeError(f"batch must be a PromptPairBatch, not {type(batch).__name__}: pass a batch of a PromptDataLoader")
+    return batch
+
 def _check_answers(vals: Tensor, answers: Union[Tensor, List[Tensor]], what: str):
     "Raise a `ValueError` unless `answers` index `vals` (`[batch, ..., vocab]`) one row per prompt."
     if not isinstance(vals, Tensor) or vals.ndim < 2:
@@ -439,13 +445,15 @@ def batch_avg_answer_val(vals: Tensor, # [batch, ..., vocab] output values at `m
                          wrong_answer: bool = False, # average the wrong answers instead
                         ) -> Tensor:
     "The mean over prompts of each prompt's mean value at its answers (or wrong answers)."
-    if wrong_answer: return answer_means(vals, batch.wrong_answers, "wrong answers").mean()
+    _check_batch(batch)
+    if _check_flag("wrong_answer", wrong_answer): return answer_means(vals, batch.wrong_answers, "wrong answers").mean()
     return answer_means(vals, batch.answers).mean()
 
 def batch_answer_diffs(vals: Tensor, # [batch, ..., vocab] output values at `model.out_slice`
                        batch: PromptPairBatch, # the batch `vals` were computed on
                       ) -> Tensor:
     "Per prompt: mean value at its answers − mean value at its wrong answers, `[batch]`."
+    _check_batch(batch)
     return answer_means(vals, batch.answers) - answer_means(vals, batch.wrong_answers, "wrong answers")
 
 def batch_avg_answer_diff(vals: Tensor, # [batch, ..., vocab] output values at `model.out_slice`
@@ -459,6 +467,8 @@ def batch_answer_diff_percents(pred_vals: Tensor, # values of the model under st
                                batch: PromptPairBatch, # the batch both were computed on
                               ) -> Tensor:
     "Per prompt, 100 · answer difference of `pred_vals` / answer difference of `target_vals`, `[batch]`."
+    if not isinstance(pred_vals, Tensor) or not isinstance(target_vals, Tensor):
+        raise TypeError(f"pred_vals and target_vals must be tensors, not {type(pred_vals).__name__} and {type(target_vals).__name__}")
     if pred_vals.shape != target_vals.shape:
         raise ValueError(f"pred_vals is shaped {tuple(pred_vals.shape)} but target_vals {tuple(target_vals.shape)}")
     return 100 * batch_answer_diffs(pred_vals, batch) / batch_answer_diffs(target_vals, batch)
@@ -468,6 +478,7 @@ def correct_answer_proportion(logits: Tensor, # [batch, ..., vocab] output value
                               batch: PromptPairBatch, # the batch `logits` were computed on
                              ) -> Tensor:
     "The fraction of prompts (and positions) whose largest value is at one of their answers."
+    _check_batch(batch)
     _check_answers(logits, batch.answers, "answers")
     top = logits.argmax(-1)  # [batch, ...]
     answers = batch.answers
@@ -480,6 +491,8 @@ def multibatch_kl_div(input_logprobs: Tensor, # [..., vocab] log-probabilities o
                       target_logprobs: Tensor, # [..., vocab] log-probabilities it should match (e.g. the full model's)
                      ) -> Tensor:
     "KL(target ‖ input), summed over the vocabulary (last axis) and averaged over every other axis."
+    if not isinstance(input_logprobs, Tensor) or not isinstance(target_logprobs, Tensor):
+        raise TypeError(f"input_logprobs and target_logprobs must be tensors, not {type(input_logprobs).__name__} and {type(target_logprobs).__name__}")
     if input_logprobs.shape != target_logprobs.shape:
         raise ValueError(f"input_logprobs is shaped {tuple(input_logprobs.shape)} but target_logprobs "
                          f"{tuple(target_logprobs.shape)}; they must match")
