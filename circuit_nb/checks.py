@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch as t
 from torch import Tensor
-from torch.utils.data import RandomSampler
+from torch.utils.data import DataLoader, RandomSampler
 
 from .types import PruneScores, check_option
 
@@ -136,8 +136,9 @@ def check_loader(model, # the wrapped model (a `PatchableModel`) the prompts are
                  same_batches: bool = True, # the caller passes over it more than once and matches batches by key
                 ):
     "`dataloader` if it is a non-empty `PromptDataLoader` whose prompts `model` can run; a clear error otherwise."
-    from circuit_nb.data import PromptDataLoader  # data builds on the graph, which builds on these checks
-    if not isinstance(dataloader, PromptDataLoader):
+    # a torch DataLoader with a PromptDataLoader's `prompt_dataset`: recognised by what it has rather than by its
+    # class, so that the class a notebook defines (or a module reloaded by autoreload) is accepted too
+    if not isinstance(dataloader, DataLoader) or not hasattr(dataloader, "prompt_dataset"):
         raise TypeError(f"{name} must be a PromptDataLoader, not {type(dataloader).__name__}")
     if len(dataloader) == 0: raise ValueError(f"{name} yields no batches (is drop_last=True with fewer prompts than batch_size?)")
     if same_batches and _is_shuffled(dataloader):
