@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch as t
 from torch import Tensor
-from torch.utils.data import RandomSampler
+from torch.utils.data import DataLoader, RandomSampler
 
 from .types import PruneScores, check_option
 
@@ -118,7 +118,7 @@ def check_tokens(model, # the wrapped model (a `PatchableModel`)
     cfg = model.cfg
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= cfg.d_vocab):
         bad = int(tokens.max()) if int(tokens.max()) >= cfg.d_vocab else int(tokens.min())
-        raise ValueError(f"{name} contain id {bad}, outside the model's vocabulary of {cfg.d_vocab} tokens")
+        raise ValueError(f"{name} contain token id {bad}, outside the model's vocabulary of {cfg.d_vocab} tokens")
     n_ctx = getattr(cfg, "n_ctx", None)
     if n_ctx is not None and getattr(cfg, "positional_embedding_type", "standard") in ("standard", "shortformer") \
             and prefix_len + tokens.shape[1] > n_ctx:
@@ -136,13 +136,14 @@ def check_loader(model, # the wrapped model (a `PatchableModel`) the prompts are
                  same_batches: bool = True, # the caller passes over it more than once and matches batches by key
                 ):
     "`dataloader` if it is a non-empty `PromptDataLoader` whose prompts `model` can run; a clear error otherwise."
-    from circuit_nb.data import PromptDataLoader  # data builds on the graph, which builds on these checks
-    if not isinstance(dataloader, PromptDataLoader):
+    # a torch DataLoader with a PromptDataLoader's `prompt_dataset`: recognised by what it has rather than by its
+    # class, so that the class a notebook defines (or a module reloaded by autoreload) is accepted too
+    if not isinstance(dataloader, DataLoader) or not hasattr(dataloader, "prompt_dataset"):
         raise TypeError(f"{name} must be a PromptDataLoader, not {type(dataloader).__name__}")
     if len(dataloader) == 0: raise ValueError(f"{name} yields no batches (is drop_last=True with fewer prompts than batch_size?)")
     if same_batches and _is_shuffled(dataloader):
         raise ValueError(f"{name} shuffles its prompts, but this function passes over it several times and needs the "
-                         "same batches each time: make it with shuffle=False")
+                         "same batches each time (shuffle=False)")
     dataset = dataloader.prompt_dataset
     prefix = dataloader.diverge_idx if getattr(dataloader, "kv_cache", None) is not None else 0
     for what in ("clean_prompts", "corrupt_prompts"):
@@ -154,6 +155,7 @@ def check_loader(model, # the wrapped model (a `PatchableModel`) the prompts are
         ids = getattr(dataset, what)
         for a in (ids if isinstance(ids, list) else [ids]):
             if a.numel() and (int(a.min()) < 0 or int(a.max()) >= d_vocab):
-                raise ValueError(f"{name}'s {what.replace('_', ' ')} contain id {int(a.max())}, outside the model's "
+                bad = int(a.max()) if int(a.max()) >= d_vocab else int(a.min())
+                raise ValueError(f"{name}'s {what.replace('_', ' ')} contain token id {bad}, outside the model's "
                                  f"vocabulary of {d_vocab} tokens")
     return dataloader

@@ -14,14 +14,18 @@ import torch as t
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+from .checks import check_int, check_loader, check_patchable, check_tokens
 from .graph import PatchableModel, source_outputs
 from .types import AblationType
 
 # %% auto #0
 __all__ = ['BatchKey', 'PromptPair', 'PromptDataset', 'PromptPairBatch', 'batch_key', 'first_divergence', 'collate_prompt_pairs',
-           'PromptDataLoader', 'load_datasets_from_json', 'answer_means', 'batch_avg_answer_val', 'batch_answer_diffs',
-           'batch_avg_answer_diff', 'batch_answer_diff_percents', 'correct_answer_proportion', 'multibatch_kl_div',
-           'src_ablations', 'batch_src_ablations']
+           'PromptDataLoader', 'load_datasets_from_json', 'prefix_kv_cache', 'answer_means', 'batch_avg_answer_val',
+           'batch_answer_diffs', 'batch_avg_answer_diff', 'batch_answer_diff_percents', 'correct_answer_proportion',
+           'multibatch_kl_div', 'src_ablations', 'batch_src_ablations']
 
 # %% ../nbs/02_data.ipynb #25314460
 def _token_ids(value, # a 1-D tensor or a list of ints (or, with `scalar_ok`, a single int)
@@ -54,21 +58,21 @@ def _n_items(value, name: str) -> int:
     except TypeError: raise TypeError(f"{name} must be a tensor or a list (one entry per prompt), "
                                       f"got {type(value).__name__}") from None
 
-def _answer_sets(answers, what: str, n_prompts: int) -> Union[Tensor, List[Tensor]]:
-    "Each prompt's `what` as 1-D tensors, stacked into `[n_prompts, n]` when they have one length."
-    sets = [_token_ids(a, f"{what} of prompt {i}", scalar_ok=True) for i, a in enumerate(answers)]
+def _answer_sets(answers, what: str, name) -> Union[Tensor, List[Tensor]]:
+    "Each prompt's `what` as 1-D tensors, stacked into `[n_prompts, n]` when they have one length; `name(i)` names prompt i."
+    sets = [_token_ids(a, f"{name(i)} ({what})", scalar_ok=True) for i, a in enumerate(answers)]
     for i, s in enumerate(sets):
-        if len(s) == 0: raise ValueError(f"prompt {i} has no {what}; every prompt needs at least one "
+        if len(s) == 0: raise ValueError(f"{name(i)} has no {what}; every prompt needs at least one "
                                          "(the metrics average over them)")
     return t.stack(sets) if len({len(s) for s in sets}) == 1 else sets
 
-def _check_vocab(ids: Union[Tensor, List[Tensor]], d_vocab: int, what: str):
-    "Raise a `ValueError` naming the prompt and id when `ids` (one row or entry per prompt) reach past `d_vocab`."
+def _check_vocab(ids: Union[Tensor, List[Tensor]], d_vocab: int, what: str, name):
+    "Raise a `ValueError` naming the prompt (`name(i)`) and id when `ids` (one row or entry per prompt) reach past `d_vocab`."
     for i, row in enumerate(ids if isinstance(ids, list) else [ids]):
         if row.numel() == 0 or int(row.max()) < d_vocab: continue
         prompt = i if isinstance(ids, list) else int((row >= d_vocab).reshape(len(row), -1).any(1).nonzero()[0])
         bad = int(ids[prompt].max())
-        raise ValueError(f"prompt {prompt}: {what} contain token id {bad}, outside the vocabulary of "
+        raise ValueError(f"{name(prompt)}: {what} contain token id {bad}, outside the vocabulary of "
                          f"{d_vocab} tokens (ids 0..{d_vocab - 1})")
 
 def _fingerprint(*parts: Union[Tensor, List[Tensor]]) -> bytes:
@@ -97,31 +101,35 @@ class PromptDataset(Dataset):
                  answers, # per prompt, the ids of the right next tokens: `[n_prompts, n]`, or a list of lists
                  wrong_answers, # per prompt, the ids of the wrong next tokens to tell apart from the right ones
                  d_vocab: Optional[int] = None, # the model's vocabulary size, to reject ids outside it
+                 prompt_names: Optional[Sequence[str]] = None, # what error messages call each prompt (default "prompt i")
                 ):
         n = _n_items(clean_prompts, "clean_prompts")
         if n == 0: raise ValueError("PromptDataset got no prompts: it needs at least one clean/corrupt pair")
-        for name, value in (("corrupt_prompts", corrupt_prompts), ("answers", answers), ("wrong_answers", wrong_answers)):
-            if _n_items(value, name) != n:
-                raise ValueError(f"{name} has {_n_items(value, name)} entries but clean_prompts has {n}; give one per prompt pair")
-        clean = [_token_ids(p, f"clean prompt {i}") for i, p in enumerate(clean_prompts)]
-        corrupt = [_token_ids(p, f"corrupt prompt {i}") for i, p in enumerate(corrupt_prompts)]
+        for arg, value in (("corrupt_prompts", corrupt_prompts), ("answers", answers), ("wrong_answers", wrong_answers)):
+            if _n_items(value, arg) != n:
+                raise ValueError(f"{arg} has {_n_items(value, arg)} entries but clean_prompts has {n}; give one per prompt pair")
+        if prompt_names is not None and (isinstance(prompt_names, str) or _n_items(prompt_names, "prompt_names") != n):
+            raise ValueError(f"prompt_names must be a list of one name per prompt ({n}), not {prompt_names!r}")
+        name = (lambda i: f"prompt {i}") if prompt_names is None else (lambda i: str(prompt_names[i]))
+        clean = [_token_ids(p, f"{name(i)} (clean)") for i, p in enumerate(clean_prompts)]
+        corrupt = [_token_ids(p, f"{name(i)} (corrupt)") for i, p in enumerate(corrupt_prompts)]
         for i, (c, k) in enumerate(zip(clean, corrupt)):
-            if len(c) == 0: raise ValueError(f"clean prompt {i} is empty")
+            if len(c) == 0: raise ValueError(f"{name(i)} (clean) is empty")
             if len(c) != len(k):
-                raise ValueError(f"prompt {i}: clean has {len(c)} tokens but corrupt has {len(k)}; the two prompts of "
+                raise ValueError(f"{name(i)}: clean has {len(c)} tokens but corrupt has {len(k)}; the two prompts of "
                                  "a pair must have the same length, so that each position is patched from the same position")
         other = next((i for i, c in enumerate(clean) if len(c) != len(clean[0])), None)
         if other is not None:
-            raise ValueError(f"prompts have different lengths (prompt 0 has {len(clean[0])} tokens, prompt {other} has "
+            raise ValueError(f"prompts have different lengths ({name(0)} has {len(clean[0])} tokens, {name(other)} has "
                              f"{len(clean[other])}); batches stack prompts, so pad them to one length or make one dataset per length")
         self.clean_prompts, self.corrupt_prompts = t.stack(clean), t.stack(corrupt)
-        self.answers = _answer_sets(answers, "answers", n)
-        self.wrong_answers = _answer_sets(wrong_answers, "wrong answers", n)
+        self.answers = _answer_sets(answers, "answers", name)
+        self.wrong_answers = _answer_sets(wrong_answers, "wrong answers", name)
         self.d_vocab = d_vocab
         if d_vocab is not None:
             for what, ids in (("clean tokens", self.clean_prompts), ("corrupt tokens", self.corrupt_prompts),
                               ("answers", self.answers), ("wrong answers", self.wrong_answers)):
-                _check_vocab(ids, d_vocab, what)
+                _check_vocab(ids, d_vocab, what, name)
         self.fingerprint = _fingerprint(self.clean_prompts, self.corrupt_prompts, self.answers, self.wrong_answers)
 
     def __len__(self) -> int: return len(self.clean_prompts)
@@ -193,33 +201,46 @@ def _base_prompt_dataset(dataset) -> PromptDataset:
         raise TypeError(f"PromptDataLoader needs a PromptDataset (or a Subset of one), not {type(base).__name__}")
     return base
 
+def _check_prefix_cache(kv_cache, diverge_idx: int):
+    "Raise a clear error unless `kv_cache` is a frozen TransformerLens cache of `diverge_idx` positions."
+    if kv_cache is not None and diverge_idx == 0:
+        raise ValueError("a kv_cache holds a shared prefix that was cut off the prompts, so diverge_idx (its length) must be > 0")
+    if kv_cache is None: return
+    if not isinstance(kv_cache, TransformerLensKeyValueCache):
+        raise TypeError(f"kv_cache must be a TransformerLens key/value cache (see `prefix_kv_cache`), not {type(kv_cache).__name__}")
+    if not kv_cache.frozen: raise ValueError("kv_cache must be frozen (cache.freeze()), so that running prompts after it does not extend it")
+    cached = kv_cache.entries[0].past_keys.shape[1]
+    if cached != diverge_idx:
+        raise ValueError(f"kv_cache holds {cached} positions but diverge_idx={diverge_idx}: it must hold exactly the cut-off prefix")
+
 class PromptDataLoader(DataLoader):
     "A `DataLoader` of `PromptPairBatch`es, with what the library needs to know about its prompts."
     def __init__(self,
-                 dataset, # a `PromptDataset`, or a `Subset` of one (e.g. from `torch.utils.data.random_split`)
+                 prompt_dataset, # a `PromptDataset`, or a `Subset` of one (e.g. from `torch.utils.data.random_split`)
                  seq_len: Optional[int], # the prompts' length, for graphs with an edge per position; None otherwise
                  diverge_idx: int, # how many shared leading tokens were cut off into `kv_cache` (0: none)
-                 kv_cache=None, # a frozen TransformerLens `HookedTransformerKeyValueCache` of the cut-off prefix
+                 kv_cache: Optional[TransformerLensKeyValueCache] = None, # a frozen key/value cache of the cut-off prefix (`prefix_kv_cache`)
                  seq_labels: Optional[List[str]] = None, # one label per position, for plots
                  word_idxs: Dict[str, int] = {}, # positions of named words, e.g. {"IO": 2}
                  **torch_dataloader_kwargs): # `batch_size`, `shuffle`, `drop_last`, ... of torch's `DataLoader`
-        base = _base_prompt_dataset(dataset)
+        base = _base_prompt_dataset(prompt_dataset)
         if "collate_fn" in torch_dataloader_kwargs:
             raise TypeError("PromptDataLoader makes its own batches (PromptPairBatch); it takes no collate_fn")
-        if "batch_size" in torch_dataloader_kwargs and torch_dataloader_kwargs["batch_size"] is None:
-            raise ValueError("PromptDataLoader needs a batch_size (batches of one prompt: batch_size=1)")
-        if seq_len is not None and seq_len != base.seq_len:
+        if "batch_size" in torch_dataloader_kwargs:
+            if torch_dataloader_kwargs["batch_size"] is None:
+                raise ValueError("PromptDataLoader needs a batch_size (batches of one prompt: batch_size=1)")
+            check_int("batch_size", torch_dataloader_kwargs["batch_size"], lo=1)
+        if seq_len is not None and check_int("seq_len", seq_len, lo=1) != base.seq_len:
             raise ValueError(f"seq_len={seq_len} but the prompts have {base.seq_len} tokens")
-        if not isinstance(diverge_idx, int) or diverge_idx < 0:
-            raise ValueError(f"diverge_idx must be an int >= 0, not {diverge_idx!r}")
-        if kv_cache is not None and diverge_idx == 0:
-            raise ValueError("a kv_cache holds a shared prefix that was cut off the prompts, so diverge_idx (its length) must be > 0")
-        if seq_labels is not None and len(seq_labels) != base.seq_len:
-            raise ValueError(f"seq_labels has {len(seq_labels)} labels but the prompts have {base.seq_len} tokens")
+        check_int("diverge_idx", diverge_idx, lo=0)
+        _check_prefix_cache(kv_cache, diverge_idx)
+        if seq_labels is not None and (isinstance(seq_labels, str) or len(seq_labels) != base.seq_len):
+            raise ValueError(f"seq_labels must be a list of one label per position ({base.seq_len}), not {seq_labels!r}")
+        if not isinstance(word_idxs, dict): raise TypeError(f"word_idxs must be a dict of word -> position, not {type(word_idxs).__name__}")
         for word, i in word_idxs.items():
-            if not isinstance(i, int) or not -base.seq_len <= i < base.seq_len:
+            if not isinstance(i, int) or isinstance(i, bool) or not -base.seq_len <= i < base.seq_len:
                 raise ValueError(f"word_idxs[{word!r}] = {i!r} is not a position of prompts of {base.seq_len} tokens")
-        super().__init__(dataset, collate_fn=partial(collate_prompt_pairs, dataset_fingerprint=base.fingerprint),
+        super().__init__(prompt_dataset, collate_fn=partial(collate_prompt_pairs, dataset_fingerprint=base.fingerprint),
                          **torch_dataloader_kwargs)
         self.seq_len, self.diverge_idx, self.kv_cache = seq_len, diverge_idx, kv_cache
         self.seq_labels, self.word_idxs = seq_labels, dict(word_idxs)
@@ -245,10 +266,17 @@ def _tokenize_answers(model, value, what: str):
         out.append(a)
     return out
 
+def _check_flag(name: str, value) -> bool:
+    "`value` if it is a `bool`; a `TypeError` naming `name` otherwise (the string \"False\" would count as true)."
+    if not isinstance(value, bool): raise TypeError(f"{name} must be True or False, not {value!r} ({type(value).__name__})")
+    return value
+
 def _split_sizes(train_test_size, n: int, source: str) -> Tuple[int, int]:
     "`(n_train, n_test)` from counts or fractions of `n`."
-    if len(train_test_size) != 2: raise ValueError(f"train_test_size must be (train, test), not {train_test_size!r}")
-    if all(isinstance(x, numbers.Integral) for x in train_test_size): sizes = tuple(int(x) for x in train_test_size)
+    if not isinstance(train_test_size, (list, tuple)) or len(train_test_size) != 2:
+        raise ValueError(f"train_test_size must be (train, test), not {train_test_size!r}")
+    if all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in train_test_size):
+        sizes = tuple(int(x) for x in train_test_size)
     elif all(isinstance(x, float) and 0 <= x <= 1 for x in train_test_size) and sum(train_test_size) <= 1 + 1e-9:
         sizes = tuple(int(x * n) for x in train_test_size)
     else: raise ValueError(f"train_test_size must be two counts or two fractions summing to at most 1, not {train_test_size!r}")
@@ -257,20 +285,53 @@ def _split_sizes(train_test_size, n: int, source: str) -> Tuple[int, int]:
     if sum(sizes) == 0: raise ValueError(f"train_test_size {train_test_size!r} selects no prompts")
     return sizes
 
-def _read_prompts_json(paths: List[Path]) -> dict:
-    "The first file's content, with the prompts of all files; checked for the keys every prompt needs."
-    data = None
+def _as_paths(path) -> List[Path]:
+    "`path` (one path, or a list of them) as a list of `Path`s."
+    paths = list(path) if isinstance(path, (list, tuple)) else [path]
+    bad = [p for p in paths if not isinstance(p, (str, Path))]
+    if bad or not paths: raise TypeError(f"path must be a JSON file's path or a non-empty list of them, not {path!r}")
+    return [Path(p) for p in paths]
+
+def _read_prompts_json(paths: List[Path]) -> Tuple[dict, List[str]]:
+    "The first file's content with the prompts of all files, and each prompt's name for messages: \"<file> prompt <index in that file>\"."
+    data, names = None, []
     for path in paths:
-        with open(path) as f: d = json.load(f)
+        try:
+            with open(path) as f: d = json.load(f)
+        except json.JSONDecodeError as e: raise ValueError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(d, dict) or not isinstance(d.get("prompts"), list):
             raise ValueError(f"{path} must hold a JSON object with a list under \"prompts\"")
+        if not d["prompts"]: raise ValueError(f"{path} has no prompts")
+        for j, p in enumerate(d["prompts"]):
+            missing = [k for k in ("clean", "corrupt", "answers", "wrong_answers") if not isinstance(p, dict) or k not in p]
+            if missing: raise ValueError(f"{path} prompt {j} lacks {', '.join(map(repr, missing))}")
+        names += [f"{path} prompt {j}" for j in range(len(d["prompts"]))]
         if data is None: data = dict(d, prompts=list(d["prompts"]))
         else: data["prompts"].extend(d["prompts"])
-    for i, p in enumerate(data["prompts"]):
-        missing = [k for k in ("clean", "corrupt", "answers", "wrong_answers") if not isinstance(p, dict) or k not in p]
-        if missing: raise ValueError(f"prompt {i} of {', '.join(map(str, paths))} lacks {', '.join(map(repr, missing))}")
-    if not data["prompts"]: raise ValueError(f"{', '.join(map(str, paths))} has no prompts")
-    return data
+    return data, names
+
+def _tokenized_dataset(model, prompts: List[dict], # the chosen prompts, as read from the files
+                       names: List[str], # each one's name for messages
+                       prepend_bos: bool) -> PromptDataset:
+    "The prompts as a `PromptDataset` (on the CPU), every error naming the file and the prompt's index in it."
+    tok = lambda p, side, name: _tokenize(model, p[side], f"{name} ({side})", prepend_bos)
+    return PromptDataset([tok(p, "clean", n) for p, n in zip(prompts, names)],
+                         [tok(p, "corrupt", n) for p, n in zip(prompts, names)],
+                         [_tokenize_answers(model, p["answers"], f"{n} (answers)") for p, n in zip(prompts, names)],
+                         [_tokenize_answers(model, p["wrong_answers"], f"{n} (wrong answers)") for p, n in zip(prompts, names)],
+                         d_vocab=getattr(getattr(model, "cfg", None), "d_vocab", None), prompt_names=names)
+
+def _labels(data: dict, source: Path, seq_len: int, bos_added: bool) -> Tuple[Optional[List[str]], Dict[str, int]]:
+    "The file's `seq_labels` and `word_idxs`, checked against the prompts and moved one position right when a BOS was added."
+    seq_labels, word_idxs = data.get("seq_labels"), data.get("word_idxs", {})
+    if not isinstance(word_idxs, dict) or any(not isinstance(i, int) or isinstance(i, bool) for i in word_idxs.values()):
+        raise ValueError(f"{source}: word_idxs must map words to integer positions, not {word_idxs!r}")
+    if bos_added:
+        seq_labels = None if seq_labels is None else ["<|BOS|>"] + list(seq_labels)
+        word_idxs = {k: v + 1 if v >= 0 else v for k, v in word_idxs.items()}  # positions from the end do not move
+    if seq_labels is not None and (not isinstance(seq_labels, list) or len(seq_labels) != seq_len):
+        raise ValueError(f"{source}: seq_labels must be a list of one label per position ({seq_len} with the BOS, if added), not {seq_labels!r}")
+    return seq_labels, dict(word_idxs)
 
 # %% ../nbs/02_data.ipynb #a134179b
 def load_datasets_from_json(model, # None for token-id prompts; else a model with `.to_tokens` (text) and `.cfg.d_vocab` (checks)
@@ -280,35 +341,81 @@ def load_datasets_from_json(model, # None for token-id prompts; else a model wit
                             batch_size: Union[int, Tuple[int, int]] = 32, # for both loaders, or (train, test)
                             train_test_size: Sequence[Union[int, float]] = (128, 128), # prompt counts, or fractions of the file
                             return_seq_length: bool = False, # give the loaders `seq_len` (for graphs with an edge per position)
+                            tail_divergence: bool = False, # cut the prefix every prompt shares into a key/value cache (needs `model`)
                             shuffle: bool = True, # shuffle the prompts once, before splitting
                             random_seed: int = 42, # seed of that shuffle
+                            pad: bool = True, # auto-circuit's padding flag; for now the prompts must have one length either way
                            ) -> Tuple[PromptDataLoader, PromptDataLoader]:
-    "A train and a test `PromptDataLoader` from prompts in the JSON format above."
-    paths = [Path(p) for p in (path if isinstance(path, (list, tuple)) else [path])]
-    data = _read_prompts_json(paths)
+    "A train and a test `PromptDataLoader` from prompts in the JSON format above; errors name the file and the prompt's index in it."
+    for flag, value in (("prepend_bos", prepend_bos), ("return_seq_length", return_seq_length),
+                        ("tail_divergence", tail_divergence), ("shuffle", shuffle), ("pad", pad)): _check_flag(flag, value)
+    check_int("random_seed", random_seed)
+    train_bs, test_bs = batch_size if isinstance(batch_size, (tuple, list)) and len(batch_size) == 2 else (batch_size, batch_size)
+    check_int("batch_size", train_bs, lo=1), check_int("batch_size", test_bs, lo=1)
+    if tail_divergence and model is None:
+        raise ValueError("tail_divergence=True runs the model on the shared prefix to cache its keys and values: pass the model, not None")
+    paths = _as_paths(path)
+    data, names = _read_prompts_json(paths)
     prompts = data["prompts"]
     order = list(range(len(prompts)))
     if shuffle: random.Random(random_seed).shuffle(order)
     n_train, n_test = _split_sizes(train_test_size, len(prompts), ", ".join(map(str, paths)))
-    chosen = [prompts[i] for i in order[:n_train + n_test]]
-    tok = lambda p, side, i: _tokenize(model, p[side], f"{side} prompt {i}", prepend_bos)
-    d_vocab = getattr(getattr(model, "cfg", None), "d_vocab", None)
-    dataset = PromptDataset([tok(p, "clean", i) for i, p in enumerate(chosen)],
-                            [tok(p, "corrupt", i) for i, p in enumerate(chosen)],
-                            [_tokenize_answers(model, p["answers"], f"answer of prompt {i}") for i, p in enumerate(chosen)],
-                            [_tokenize_answers(model, p["wrong_answers"], f"wrong answer of prompt {i}") for i, p in enumerate(chosen)],
-                            d_vocab=d_vocab).to(device)
-    seq_labels, word_idxs = data.get("seq_labels"), dict(data.get("word_idxs", {}))
-    if prepend_bos and any(isinstance(p["clean"], str) for p in chosen):
-        seq_labels = None if seq_labels is None else ["<|BOS|>"] + list(seq_labels)
-        word_idxs = {k: v + 1 for k, v in word_idxs.items()}
-    train_bs, test_bs = batch_size if isinstance(batch_size, (tuple, list)) else (batch_size, batch_size)
-    loader = partial(PromptDataLoader, seq_len=dataset.seq_len if return_seq_length else None, diverge_idx=0,
-                     seq_labels=seq_labels, word_idxs=word_idxs, shuffle=False)
+    chosen = order[:n_train + n_test]
+    dataset = _tokenized_dataset(model, [prompts[i] for i in chosen], [names[i] for i in chosen], prepend_bos)
+    bos_added = prepend_bos and any(isinstance(prompts[i]["clean"], str) for i in chosen)
+    seq_labels, word_idxs = _labels(data, paths[0], dataset.seq_len, bos_added)
+    prefix_len = _shared_prefix_len(dataset.clean_prompts, dataset.corrupt_prompts) if tail_divergence else 0
+    kv_cache = prefix_kv_cache(model, dataset.clean_prompts[0, :prefix_len]) if prefix_len else None
+    if prefix_len: dataset, seq_labels, word_idxs = _cut_prefix(dataset, prefix_len, seq_labels, word_idxs)
+    dataset.to(device)
+    loader = partial(PromptDataLoader, seq_len=dataset.seq_len if return_seq_length else None, diverge_idx=prefix_len,
+                     kv_cache=kv_cache, seq_labels=seq_labels, word_idxs=word_idxs, shuffle=False)
     return (loader(Subset(dataset, range(n_train)), batch_size=train_bs),
             loader(Subset(dataset, range(n_train, n_train + n_test)), batch_size=test_bs))
 
+# %% ../nbs/02_data.ipynb #bdd18d5e
+def _shared_prefix_len(clean: Tensor, # [n_prompts, seq] token ids
+                       corrupt: Tensor, # [n_prompts, seq] token ids
+                      ) -> int:
+    "How many leading positions hold the same token in every clean and every corrupt prompt; at most `seq − 1`, so that each prompt keeps its last token."
+    rows = t.cat([clean, corrupt])
+    differs = (rows != rows[:1]).any(0)
+    shared = int(differs.int().argmax()) if bool(differs.any()) else rows.shape[1]
+    return min(shared, rows.shape[1] - 1)
+
+def prefix_kv_cache(model: HookedTransformer, # the model the prompts are for (a `PatchableModel`: the model it wraps)
+                    prefix, # `[prefix_len]` token ids that every prompt starts with
+                   ) -> TransformerLensKeyValueCache:
+    "A frozen TransformerLens key/value cache of `model` on `prefix`, for a batch of one: the keys and values every prompt after it attends to."
+    if isinstance(model, PatchableModel): model = check_patchable(model).wrapped_model
+    if not isinstance(model, HookedTransformer):
+        raise TypeError(f"model must be a TransformerLens HookedTransformer, not {type(model).__name__}")
+    ids = _token_ids(prefix, "prefix")
+    if len(ids) == 0: raise ValueError("prefix is empty: a key/value cache needs at least one token")
+    _check_vocab(ids[None], model.cfg.d_vocab, "prefix tokens", lambda i: "the prefix")
+    if getattr(model.cfg, "positional_embedding_type", "standard") in ("standard", "shortformer") and len(ids) > model.cfg.n_ctx:
+        raise ValueError(f"prefix has {len(ids)} tokens, more than the model's context of n_ctx={model.cfg.n_ctx}")
+    tokens = ids.to(model.cfg.device)[None]
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=1)
+    with t.no_grad(): model(tokens, past_kv_cache=cache, attention_mask=t.ones_like(tokens), return_type=None)
+    cache.freeze()
+    return cache
+
+def _cut_prefix(dataset: PromptDataset, n: int, # how many leading tokens to cut
+                seq_labels: Optional[List[str]], word_idxs: Dict[str, int]):
+    "The dataset of the prompts' tails after `n` tokens, with the labels and word positions of the tails (words in the prefix are dropped)."
+    tails = PromptDataset(dataset.clean_prompts[:, n:], dataset.corrupt_prompts[:, n:], dataset.answers, dataset.wrong_answers,
+                          d_vocab=dataset.d_vocab)
+    word_idxs = {w: (i - n if i >= 0 else i) for w, i in word_idxs.items() if i < 0 or i >= n}
+    return tails, None if seq_labels is None else list(seq_labels[n:]), word_idxs
+
 # %% ../nbs/02_data.ipynb #8b7bc783
+def _check_batch(batch) -> PromptPairBatch:
+    "`batch` if it is a `PromptPairBatch`; a `TypeError` otherwise."
+    if not isinstance(batch, PromptPairBatch):
+        raise TypeError(f"batch must be a PromptPairBatch, not {type(batch).__name__}: pass a batch of a PromptDataLoader")
+    return batch
+
 def _check_answers(vals: Tensor, answers: Union[Tensor, List[Tensor]], what: str):
     "Raise a `ValueError` unless `answers` index `vals` (`[batch, ..., vocab]`) one row per prompt."
     if not isinstance(vals, Tensor) or vals.ndim < 2:
@@ -338,13 +445,15 @@ def batch_avg_answer_val(vals: Tensor, # [batch, ..., vocab] output values at `m
                          wrong_answer: bool = False, # average the wrong answers instead
                         ) -> Tensor:
     "The mean over prompts of each prompt's mean value at its answers (or wrong answers)."
-    if wrong_answer: return answer_means(vals, batch.wrong_answers, "wrong answers").mean()
+    _check_batch(batch)
+    if _check_flag("wrong_answer", wrong_answer): return answer_means(vals, batch.wrong_answers, "wrong answers").mean()
     return answer_means(vals, batch.answers).mean()
 
 def batch_answer_diffs(vals: Tensor, # [batch, ..., vocab] output values at `model.out_slice`
                        batch: PromptPairBatch, # the batch `vals` were computed on
                       ) -> Tensor:
     "Per prompt: mean value at its answers − mean value at its wrong answers, `[batch]`."
+    _check_batch(batch)
     return answer_means(vals, batch.answers) - answer_means(vals, batch.wrong_answers, "wrong answers")
 
 def batch_avg_answer_diff(vals: Tensor, # [batch, ..., vocab] output values at `model.out_slice`
@@ -358,6 +467,8 @@ def batch_answer_diff_percents(pred_vals: Tensor, # values of the model under st
                                batch: PromptPairBatch, # the batch both were computed on
                               ) -> Tensor:
     "Per prompt, 100 · answer difference of `pred_vals` / answer difference of `target_vals`, `[batch]`."
+    if not isinstance(pred_vals, Tensor) or not isinstance(target_vals, Tensor):
+        raise TypeError(f"pred_vals and target_vals must be tensors, not {type(pred_vals).__name__} and {type(target_vals).__name__}")
     if pred_vals.shape != target_vals.shape:
         raise ValueError(f"pred_vals is shaped {tuple(pred_vals.shape)} but target_vals {tuple(target_vals.shape)}")
     return 100 * batch_answer_diffs(pred_vals, batch) / batch_answer_diffs(target_vals, batch)
@@ -367,6 +478,7 @@ def correct_answer_proportion(logits: Tensor, # [batch, ..., vocab] output value
                               batch: PromptPairBatch, # the batch `logits` were computed on
                              ) -> Tensor:
     "The fraction of prompts (and positions) whose largest value is at one of their answers."
+    _check_batch(batch)
     _check_answers(logits, batch.answers, "answers")
     top = logits.argmax(-1)  # [batch, ...]
     answers = batch.answers
@@ -379,6 +491,8 @@ def multibatch_kl_div(input_logprobs: Tensor, # [..., vocab] log-probabilities o
                       target_logprobs: Tensor, # [..., vocab] log-probabilities it should match (e.g. the full model's)
                      ) -> Tensor:
     "KL(target ‖ input), summed over the vocabulary (last axis) and averaged over every other axis."
+    if not isinstance(input_logprobs, Tensor) or not isinstance(target_logprobs, Tensor):
+        raise TypeError(f"input_logprobs and target_logprobs must be tensors, not {type(input_logprobs).__name__} and {type(target_logprobs).__name__}")
     if input_logprobs.shape != target_logprobs.shape:
         raise ValueError(f"input_logprobs is shaped {tuple(input_logprobs.shape)} but target_logprobs "
                          f"{tuple(target_logprobs.shape)}; they must match")
@@ -387,30 +501,22 @@ def multibatch_kl_div(input_logprobs: Tensor, # [..., vocab] log-probabilities o
     return kl_sum / math.prod(input_logprobs.shape[:-1])
 
 # %% ../nbs/02_data.ipynb #02235f0d
-def _check_tokens(model: PatchableModel, tokens) -> Tensor:
-    "`tokens` if they are `[batch, seq]` integer ids inside the model's vocabulary; a clear error otherwise."
-    if not isinstance(tokens, Tensor):
-        raise TypeError(f"expected a [batch, seq] tensor of token ids, got {type(tokens).__name__}")
-    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == t.bool:
-        raise TypeError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
-    if tokens.ndim != 2: raise ValueError(f"tokens must be shaped [batch, seq], not {tuple(tokens.shape)}")
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= model.cfg.d_vocab):
-        bad = int(tokens.max()) if int(tokens.max()) >= model.cfg.d_vocab else int(tokens.min())
-        raise ValueError(f"tokens contain id {bad}, outside the model's vocabulary of {model.cfg.d_vocab} tokens")
-    return tokens
-
 _MEAN_PROMPTS = {AblationType.TOKENWISE_MEAN_CLEAN: ("clean",), AblationType.TOKENWISE_MEAN_CORRUPT: ("corrupt",),
                  AblationType.TOKENWISE_MEAN_CLEAN_AND_CORRUPT: ("clean", "corrupt")}
 
+def _check_ablation_type(ablation_type) -> AblationType:
+    if not isinstance(ablation_type, AblationType):
+        raise TypeError(f"ablation_type must be an AblationType ({', '.join(a.name for a in AblationType)}), not {ablation_type!r}")
+    return ablation_type
+
 def _dataset_mean(model: PatchableModel, dataloader: PromptDataLoader, ablation_type: AblationType) -> Tensor:
-    "Per-position mean source outputs over the dataloader's prompts, `[n_srcs, 1, seq, d_model]`."
+    "Per-position mean source outputs over the dataloader's prompts (checked by `check_loader`), `[n_srcs, 1, seq, d_model]`."
     total, count = None, 0
     for batch in dataloader:
         for side in _MEAN_PROMPTS[ablation_type]:
-            outs = source_outputs(model, _check_tokens(model, getattr(batch, side)))
+            outs = source_outputs(model, getattr(batch, side))
             part = outs.sum(1, keepdim=True, dtype=t.float64)  # float64: means over big datasets stay exact
             total, count = part if total is None else total + part, count + outs.shape[1]
-    if total is None: raise ValueError(f"the dataloader yields no batches, so {ablation_type} has nothing to average")
     return (total / count).to(outs.dtype)
 
 # %% ../nbs/02_data.ipynb #b4ff4dfb
@@ -418,16 +524,16 @@ def src_ablations(model: PatchableModel, # the wrapped model (see `patchable_mod
                   sample: Union[Tensor, PromptDataLoader], # `[batch, seq]` tokens; a dataloader for the dataset means
                   ablation_type: AblationType = AblationType.RESAMPLE, # which value a patched edge carries
                  ) -> Tensor:
-    "The ablation value of every source: `[n_srcs, batch, seq, d_model]` (batch 1 for the dataset means)."
-    if not isinstance(ablation_type, AblationType):
-        raise TypeError(f"ablation_type must be an AblationType ({', '.join(a.name for a in AblationType)}), not {ablation_type!r}")
+    "The ablation value of every source: `[n_srcs, batch, seq, d_model]`, or `[n_srcs, 1, seq, d_model]` for the dataset means (one row that `patch_mode` gives every prompt of any batch)."
+    check_patchable(model)
+    _check_ablation_type(ablation_type)
     if ablation_type.mean_over_dataset:
         if not isinstance(sample, PromptDataLoader):
             raise TypeError(f"{ablation_type} averages over a whole dataset: pass the PromptDataLoader, not {type(sample).__name__}")
-        return _dataset_mean(model, sample, ablation_type)
+        return _dataset_mean(model, check_loader(model, sample, "sample", same_batches=False), ablation_type)
     if isinstance(sample, PromptDataLoader):
         raise TypeError(f"{ablation_type} is computed per batch: pass one batch's tokens (or use batch_src_ablations)")
-    tokens = _check_tokens(model, sample)
+    tokens = check_tokens(model, sample, "sample")
     if ablation_type == AblationType.ZERO:
         return t.zeros(model.n_srcs, *tokens.shape, model.cfg.d_model, device=tokens.device, dtype=model.cfg.dtype)
     outs = source_outputs(model, tokens)
@@ -438,16 +544,14 @@ def src_ablations(model: PatchableModel, # the wrapped model (see `patchable_mod
 
 # %% ../nbs/02_data.ipynb #c791050a
 def batch_src_ablations(model: PatchableModel, # the wrapped model (see `patchable_model`)
-                        dataloader: PromptDataLoader, # the batches to compute ablation values for
+                        dataloader: PromptDataLoader, # the batches to compute ablation values for; must not shuffle
                         ablation_type: AblationType = AblationType.RESAMPLE, # which value a patched edge carries
                         clean_corrupt: Optional[Literal["clean", "corrupt"]] = "corrupt", # prompts the value comes from
                        ) -> Dict[BatchKey, Tensor]:
-    "Ablation values `[n_srcs, batch, seq, d_model]` for each batch of `dataloader`, by batch key."
-    if not isinstance(ablation_type, AblationType):
-        raise TypeError(f"ablation_type must be an AblationType ({', '.join(a.name for a in AblationType)}), not {ablation_type!r}")
-    ablation_type.check_clean_corrupt(clean_corrupt)
-    if not isinstance(dataloader, PromptDataLoader):
-        raise TypeError(f"batch_src_ablations needs a PromptDataLoader, not {type(dataloader).__name__}")
+    "Ablation values `[n_srcs, batch, seq, d_model]` for each batch of `dataloader`, by batch key (a dataset mean is one row, expanded without copying)."
+    check_patchable(model)
+    _check_ablation_type(ablation_type).check_clean_corrupt(clean_corrupt)
+    check_loader(model, dataloader)  # the keys name the batches of later passes, so the loader must not shuffle
     if ablation_type.mean_over_dataset:
         mean = src_ablations(model, dataloader, ablation_type)
         values = ((b.key, mean.expand(-1, b.clean.shape[0], -1, -1)) for b in dataloader)

@@ -296,6 +296,7 @@ def end_pass(self: PatchState):
     self.head_inputs: Dict[nn.Module, Tuple] = {}  # projected destination -> (heads, its patched per-head inputs)
     self.diff_sums: Dict[int, Tensor] = {}  # hi -> Σ of patch − curr over sources 0 to hi − 1
     self.uniform_inputs: Dict[nn.Module, Tensor] = {}  # destination -> its input, when all its masks are one value
+    self.broadcast_patch: Optional[Tensor] = None  # ablation values given for one prompt, repeated for this pass's batch
 
 @patch
 def release(self: PatchState):
@@ -309,9 +310,15 @@ def record_block_input(self: PatchState, block: int, x: Tensor):
 
 @patch
 def operands(self: PatchState, lo: int, hi: int, dtype) -> Tuple[Tensor, List[Tensor]]:
-    "The ablation values and the current outputs (per source hook) of sources `lo` to `hi − 1`."
+    "The ablation values and the current outputs (per source hook) of sources `lo` to `hi − 1`; values given for one prompt serve every prompt."
     currs = [self.curr[i] for i, (a, b) in enumerate(self.src_ranges) if lo <= a and b <= hi]
-    return self.patch_src_outs[lo:hi].to(dtype), currs
+    patch = self.patch_src_outs
+    if patch.shape[1] > 1 and patch.stride(1) == 0: patch = patch[:, :1]  # an expanded view holds one prompt's values
+    if patch.shape[1] == 1 and currs and currs[0].shape[1] > 1:  # e.g. a dataset mean: repeated once per pass, sliced per destination
+        if self.broadcast_patch is None or self.broadcast_patch.dtype != dtype:
+            self.broadcast_patch = patch.to(dtype).expand(-1, currs[0].shape[1], -1, -1).contiguous()
+        return self.broadcast_patch[lo:hi], currs
+    return patch[lo:hi].to(dtype), currs
 
 @patch
 def delta(self: PatchState, mask4: Tensor, lo: int, hi: int,
@@ -434,7 +441,7 @@ def _patch_operands(self: PatchWrapper, x: Tensor, sources_ran: bool = True) -> 
     groups = mask4.shape[0]
     if batch % groups: raise ValueError(f"masks are set for batches of {groups} prompts but the input has {batch}")
     patch = state.patch_src_outs
-    if patch.shape[2:] != (seq, width) or patch.shape[1] not in (batch, batch // groups):
+    if patch.shape[2:] != (seq, width) or patch.shape[1] not in (1, batch, batch // groups):
         raise ValueError(f"patch_src_outs is shaped {tuple(patch.shape)} but {self.module_name} has "
                          f"batch {batch}, seq {seq}, d_model {width}")
     state.masks[self] = mask4.to(x.dtype)
@@ -734,7 +741,7 @@ def _restoring_masks(model: PatchableModel):
 
 @contextmanager
 def patch_mode(model: PatchableModel, # the wrapped model
-               patch_src_outs: Tensor, # ablation values `[n_srcs, batch, seq, d_model]`
+               patch_src_outs: Tensor, # ablation values `[n_srcs, batch, seq, d_model]`; batch 1 serves every prompt (a dataset mean)
                edges: Optional[Iterable[Union[Edge, str]]] = None, # edges to switch on (mask 1) while patching
                curr_src_outs: Optional[Tensor] = None): # if given, each forward copies its source outputs here
     "Patch the model's edges by their masks, with `patch_src_outs` as the ablation values."
