@@ -14,6 +14,7 @@ from .adapter import *
 from .progress_bars import *
 from .graph import *
 from .data import *
+from .loading import *
 from .mask_gradients import *
 from .edge_attribution_patching import *
 from .subnetwork_probing import *
@@ -24,6 +25,6 @@ from .prune_metrics import *
 from .draw import *
 from .storage import *
 from .zoo import *
-from . import types, checks, tensor_ops, adapter, progress_bars, graph, data, mask_gradients, edge_attribution_patching, subnetwork_probing, evaluate, baselines, circuits, prune_metrics, draw, storage, zoo
+from . import types, checks, tensor_ops, adapter, progress_bars, graph, data, loading, mask_gradients, edge_attribution_patching, subnetwork_probing, evaluate, baselines, circuits, prune_metrics, draw, storage, zoo
 
-__all__ = [name for module in (types, checks, tensor_ops, adapter, progress_bars, graph, data, mask_gradients, edge_attribution_patching, subnetwork_probing, evaluate, baselines, circuits, prune_metrics, draw, storage, zoo) for name in module.__all__]
+__all__ = [name for module in (types, checks, tensor_ops, adapter, progress_bars, graph, data, loading, mask_gradients, edge_attribution_patching, subnetwork_probing, evaluate, baselines, circuits, prune_metrics, draw, storage, zoo) for name in module.__all__]
