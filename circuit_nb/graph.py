@@ -56,7 +56,7 @@ def _check_tokens(model, tokens, name: str = "tokens") -> Tensor:
         what = f"a {tokens.dtype} tensor shaped {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens).__name__
         raise TypeError(f"{name} must be token ids, an integer tensor [batch, seq], not {what}")
     if tokens.numel() == 0: raise ValueError(f"{name} is empty (shape {tuple(tokens.shape)})")
-    lo, hi = tokens.min().item(), tokens.max().item()
+    lo, hi = t.stack(t.aminmax(tokens)).tolist()  # one read back from the device
     if lo < 0 or hi >= model.cfg.d_vocab:
         raise ValueError(f"{name} holds token ids in [{lo}, {hi}], outside the model's vocabulary [0, d_vocab={model.cfg.d_vocab})")
     return tokens

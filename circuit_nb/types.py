@@ -157,4 +157,4 @@ class EdgeCounts(Enum):
     LOGARITHMIC = 2  # 1..9, 10..90, 100..900, ... below the number of edges
     GROUPS = 3  # one count per group of edges with equal scores
 
-TestEdges = Union[EdgeCounts, List[Union[int, float]]]  # a rule, or explicit counts / fractions of all edges
+TestEdges = Union[EdgeCounts, List[Union[int, float]]]  # a rule, or explicit sizes: ints are numbers of edges, floats fractions of all edges
