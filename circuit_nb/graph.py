@@ -1023,14 +1023,17 @@ class MaskParameters(dict):
 @contextmanager
 def train_mask_mode(model: PatchableModel, # the wrapped model
                     requires_grad: bool = True): # whether the masks require gradients in the block
-    "Make the masks require gradients (or not); yield them by destination module name as a `MaskParameters`, which sums their gradients."
+    "Make the masks require gradients (or not) and the model sample them (training mode); yield them by destination module name as a `MaskParameters`, which sums their gradients."
     _check_bool(requires_grad, "requires_grad")
     with _restoring_masks(check_patchable(model)) as masks:
         params = MaskParameters(masks)
         for m in masks.values(): m.requires_grad_(requires_grad); m.grad = None
         handles = [m.register_hook(partial(params._collect, n)) for n, m in masks.items()] if requires_grad else []
+        modes = [(m, m.training) for m in model.modules()]
+        model.train()  # masks are learned with their noise (hard concrete, dropout), as in auto-circuit
         try: yield params
         finally:
+            for m, training in modes: m.training = training
             for h in handles: h.remove()
 
 @contextmanager
