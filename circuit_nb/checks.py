@@ -20,13 +20,13 @@ __all__ = ['check_patchable', 'check_int', 'check_number', 'check_finite', 'chec
 def check_patchable(model, # what the caller passed as the wrapped model
                     name: str = "model", # the argument's name, for the message
                    ):
-    "`model` if it is a `PatchableModel` that is still wrapped; a `TypeError` (or `RuntimeError`, once unwrapped) naming `name` otherwise."
-    from circuit_nb.graph import PatchableModel  # the graph builds on these checks
-    if not isinstance(model, PatchableModel):
-        raise TypeError(f"{name} must be a PatchableModel, not {type(model).__name__}: wrap the model first, "
-                        "e.g. `pm = patchable_model(model, factorized=True)`, and pass `pm`")
-    if getattr(model, "_patching", True) is None:
-        raise RuntimeError(f"{name} was unwrapped (.unwrap()); wrap the model again with `patchable_model`")
+    "`model` if it is a `PatchableModel` still wrapping its model; else a `TypeError` (not one) or `ValueError` (unwrapped) naming `name`."
+    # the class's marker, not isinstance: a PatchableModel of a reloaded module (autoreload, a notebook) passes too
+    if not getattr(type(model), "_is_patchable_model", False):
+        raise TypeError(f"{name} must be a PatchableModel, not {type(model).__name__}: wrap it with "
+                        f"patchable_model({name}, factorized=True) (see circuit_nb.graph.patchable_model)")
+    if not model.is_wrapped:
+        raise ValueError(f"{name} is a PatchableModel that was unwrapped (.unwrap()): wrap the model again with patchable_model(...)")
     return model
 
 # %% ../nbs/00c_checks.ipynb #823c66e8

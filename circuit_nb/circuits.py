@@ -15,7 +15,7 @@ from torch import Tensor
 from .checks import check_finite, check_int, check_loader, check_number, check_patchable, check_prune_scores
 from .data import (BatchKey, PromptDataLoader, PromptPairBatch, batch_answer_diffs, batch_avg_answer_val,
                              batch_src_ablations, correct_answer_proportion, multibatch_kl_div)
-from .graph import (PatchableModel, _as_count, draw_graph, out_slice_logits, patch_mode, reusing_buffers,
+from .graph import (PatchableModel, edge_counts_from, draw_graph, out_slice_logits, patch_mode, reusing_buffers,
                               set_mask_batch_size)
 from .progress_bars import progress
 from .types import *
@@ -65,13 +65,8 @@ def _read_counts(model: PatchableModel, test_edge_counts, name: str = "test_edge
     if isinstance(test_edge_counts, (str, bytes, dict)) or not hasattr(test_edge_counts, "__iter__"):
         raise TypeError(f"{name} must be a list of edge counts (ints) or fractions of all edges (floats in [0, 1]), "
                         f"not {type(test_edge_counts).__name__}")
-    counts = []
-    for c in test_edge_counts:
-        if isinstance(c, Tensor) and c.numel() == 1: c = c.item()  # numpy and torch numbers read as Python's
-        if isinstance(c, numbers.Integral) and not isinstance(c, bool): c = int(c)
-        elif isinstance(c, numbers.Real) and not isinstance(c, bool): c = float(c)
-        try: counts.append(_as_count(c, model.n_edges))
-        except ValueError as e: raise ValueError(f"{name}: {e}") from None
+    as_python = lambda c: c.item() if isinstance(c, Tensor) and c.numel() == 1 else c  # torch numbers read as Python's
+    counts = edge_counts_from([as_python(c) for c in test_edge_counts], model.n_edges, name)  # 01's one reading
     if not counts: raise ValueError(f"{name} is empty: give at least one circuit size")
     return sorted(set(counts))
 

@@ -103,9 +103,8 @@ def draw_seq_graph(model: PatchableModel, # the wrapped model
         axes[0].set_axis_off()
         axes[0].set_title(f"no position has an edge with |score| >= {score_threshold:g}")
     for ax, i in zip(axes, shown):
-        view = scores if i is None else {name: s[i:] for name, s in scores.items()}
         label = (f"position {i}" if seq_labels is None else repr(seq_labels[i])) if i is not None else ("All tokens" if seq_labels else "")
-        draw_graph(model, view, top_k=counts[i], ax=ax,
+        draw_graph(model, scores, top_k=counts[i], ax=ax, seq_idx=i,
                    title=f"{label}{': ' if label else ''}{counts[i]} edges with |score| >= {score_threshold:g}")
     if file_path is not None: fig.write_image(file_path)
     if display_ipython: _display(fig)

@@ -4,13 +4,13 @@
 
 # %% ../nbs/01_graph.ipynb #38f39914
 from __future__ import annotations
-import gc, math, weakref
+import gc, math, numbers, weakref
 from collections import abc
 from functools import partial
 from itertools import chain, count, repeat
 from contextlib import contextmanager
 
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Collection, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch as t
 from torch import Tensor, nn
@@ -18,14 +18,49 @@ from fastcore.basics import patch
 from transformer_lens import HookedTransformer
 
 from .adapter import TransformerLensAdapter
+from .checks import check_patchable
 from .types import *
 
 # %% auto #0
 __all__ = ['HARD_CONCRETE_STRETCH', 'HARD_CONCRETE_TEMPERATURE', 'OUT_SLICES', 'EdgeSet', 'graph_edges', 'MaskedSum',
            'UnchangedInput', 'hard_concrete', 'PatchState', 'PatchWrapper', 'MixedInput', 'make_model_patchable',
            'PatchableModel', 'patchable_model', 'patch_mode', 'reusing_buffers', 'source_outputs', 'set_all_masks',
-           'set_masks', 'train_mask_mode', 'mask_fn_mode', 'set_mask_batch_size', 'out_slice_logits',
-           'edge_counts_util', 'draw_graph']
+           'set_masks', 'MaskParameters', 'train_mask_mode', 'mask_fn_mode', 'set_mask_batch_size', 'out_slice_logits',
+           'edge_counts_from', 'edge_counts_util', 'draw_graph']
+
+# %% ../nbs/01_graph.ipynb #e8ebc2b1
+def _check_bool(value, name: str, allow_none: bool = False):
+    "`value` if it is True or False (or None, when allowed); else a `TypeError` naming `name`."
+    if isinstance(value, bool) or (value is None and allow_none): return value
+    raise TypeError(f"{name} must be True or False{' or None' if allow_none else ''}, not {value!r}")
+
+def _check_int(value, name: str, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
+    "`value` as an int if it is an integer (not a bool) in [minimum, maximum]; else a `TypeError`/`ValueError` naming `name`."
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__} {value!r}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be an int in [{minimum if minimum is not None else '-inf'}, "
+                         f"{maximum if maximum is not None else 'inf'}], not {value}")
+    return int(value)
+
+def _check_real(value, name: str) -> float:
+    "`value` as a float if it is a finite real number (a one-element tensor too, not a bool); else a `TypeError`/`ValueError` naming `name`."
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex and value.dtype != t.bool: value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, not {type(value).__name__} {value!r}")
+    if not math.isfinite(value): raise ValueError(f"{name} must be finite, not {value}")
+    return float(value)
+
+def _check_tokens(model, tokens, name: str = "tokens") -> Tensor:
+    "`tokens` if it is a `[batch, seq]` integer tensor of ids below the model's vocabulary size; else a `TypeError`/`ValueError` naming `name`."
+    if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == t.bool:
+        what = f"a {tokens.dtype} tensor shaped {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens).__name__
+        raise TypeError(f"{name} must be token ids, an integer tensor [batch, seq], not {what}")
+    if tokens.numel() == 0: raise ValueError(f"{name} is empty (shape {tuple(tokens.shape)})")
+    lo, hi = t.stack(t.aminmax(tokens)).tolist()  # one read back from the device
+    if lo < 0 or hi >= model.cfg.d_vocab:
+        raise ValueError(f"{name} holds token ids in [{lo}, {hi}], outside the model's vocabulary [0, d_vocab={model.cfg.d_vocab})")
+    return tokens
 
 # %% ../nbs/01_graph.ipynb #3f864b96
 def _factorized_nodes(adapter: TransformerLensAdapter, separate_qkv: bool) -> Tuple[List[SrcNode], List[DestNode]]:
@@ -104,12 +139,15 @@ def graph_edges(model: HookedTransformer, # the model whose graph to build
                 seq_len: Optional[int] = None, # one edge per token position when set
                ) -> Tuple[Set[Node], Set[SrcNode], Set[DestNode], Dict[Optional[int], List[Edge]], EdgeSet, int, Optional[int]]:
     "The graph of `model`: `(nodes, srcs, dests, edge_dict, edges, seq_dim, seq_len)`; `edge_dict` maps position to edges."
+    _check_bool(factorized, "factorized"); _check_bool(separate_qkv, "separate_qkv", allow_none=True)
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 1):
+        raise (ValueError if isinstance(seq_len, numbers.Integral) and not isinstance(seq_len, bool) else TypeError)(
+            f"seq_len must be a positive int or None, not {seq_len!r}")
+    seq_len = None if seq_len is None else int(seq_len)
     adapter = TransformerLensAdapter(model)
     if factorized: srcs, dests = _factorized_nodes(adapter, True if separate_qkv is None else separate_qkv)
     elif separate_qkv: raise ValueError("separate_qkv=True needs factorized=True: the unfactorized graph has no head inputs")
     else: srcs, dests = _residual_nodes(adapter)
-    if seq_len is not None and (not isinstance(seq_len, int) or seq_len < 1):
-        raise ValueError(f"seq_len must be a positive int or None, not {seq_len!r}")
     pair_srcs = [s for d in dests for s in srcs[d.min_src_idx:d.max_src_idx]]
     pair_dests = [d for d in dests for _ in range(d.n_srcs)]
     gc_was_enabled = gc.isenabled()
@@ -264,11 +302,6 @@ class PatchState:
         self.end_pass()
 
     @property
-    def sample_masks(self) -> bool:
-        "Hard concrete masks are sampled in training mode and noise-free in eval mode."
-        return self.model.training
-
-    @property
     def active(self) -> bool: return self.patch_src_outs is not None or self.capture is not None
 
 # %% ../nbs/01_graph.ipynb #6ce49cf8
@@ -419,11 +452,11 @@ def _effective_mask(self: PatchWrapper, batch_size: int) -> Tensor:
     state, mask = self.state, self.patch_mask
     batched = mask.ndim > len(self.mask_shape)
     if state.mask_fn == "hard_concrete":
-        sample = state.sample_masks
+        sample = self.training  # the wrappers' mode: `train_mask_mode` samples with the model itself in eval mode
         mask = hard_concrete(mask, None if batched or not sample else batch_size, sample=sample)
         batched = batched or sample
     elif state.mask_fn == "sigmoid": mask = t.sigmoid(mask)
-    if state.dropout_p > 0 and state.sample_masks: mask = t.nn.functional.dropout(mask, state.dropout_p)
+    if state.dropout_p > 0 and self.training: mask = t.nn.functional.dropout(mask, state.dropout_p)
     if not self.n_heads: mask = mask.unsqueeze(-2)
     if state.seq_len is None: mask = mask.unsqueeze(-3)
     return mask if batched else mask.unsqueeze(0)
@@ -633,23 +666,39 @@ OUT_SLICES = {None: (slice(None),), "last_seq": (slice(None), -1), "not_first_se
 
 class PatchableModel(nn.Module):
     "A model wrapped for patching: its graph, its masks, and a forward pass that patches edges in `patch_mode`."
+    _is_patchable_model = True  # what `check_patchable` looks for (a reloaded module's class passes too)
     def __init__(self, nodes, srcs, dests, edge_dict, edges, seq_dim, seq_len, patching: _Patching,
-                 out_slice: tuple, is_factorized: bool, separate_qkv: Optional[bool], kv_caches: dict,
+                 out_slice: tuple, is_factorized: bool, separate_qkv: Optional[bool], kv_caches: Optional["_SharedPrefix"],
                  wrapped_model: HookedTransformer):
         super().__init__()
         self.nodes, self.srcs, self.dests, self.edge_dict, self.edges = nodes, srcs, dests, edge_dict, edges
         self.seq_dim, self.seq_len, self.out_slice = seq_dim, seq_len, out_slice
-        self.is_factorized, self.separate_qkv, self.kv_caches = is_factorized, separate_qkv, kv_caches
-        self.is_transformer_lens = True
+        self.is_factorized, self.separate_qkv, self._prefix = is_factorized, separate_qkv, kv_caches
+        self.is_transformer = self.is_transformer_lens = True  # every model circuit_nb wraps is a transformer
         self.wrapped_model, self.wrappers = wrapped_model, nn.ModuleList(patching.wrappers)
         self._patching = patching
-        self._edge_by_name = None
+        self._edge_name_dict = None
 
     n_edges = property(lambda self: len(self.edges))
     n_srcs = property(lambda self: len(self.srcs))
     src_wrappers = property(lambda self: [w for w in self.wrappers if w.src_range is not None])
     dest_wrappers = property(lambda self: [w for w in self.wrappers if w.is_dest])
     patch_state = property(lambda self: self._patching.state)
+    is_wrapped = property(lambda self: self._patching is not None, doc="False once `.unwrap()` was called.")
+
+    @property
+    def kv_caches(self) -> Optional[Dict[int, object]]:
+        "The KV caches given to `patchable_model`, by the batch size they were made for (None without): auto-circuit's attribute. Any batch size is served from their shared prefix."
+        return None if self._prefix is None else dict(self._prefix.caches)
+
+    @property
+    def edge_name_dict(self) -> Dict[Optional[int], Dict[str, Edge]]:
+        "Position (None without positions) -> edge name -> edge (auto-circuit's attribute), built on first use."
+        if self._edge_name_dict is None:
+            names: Dict[Optional[int], Dict[str, Edge]] = {}
+            for e in self.edges: names.setdefault(e.seq_idx, {})[e.name] = e
+            self._edge_name_dict = names
+        return self._edge_name_dict
 
     @property
     def patch_masks(self) -> Dict[str, nn.Parameter]:
@@ -664,22 +713,42 @@ class PatchableModel(nn.Module):
 # %% ../nbs/01_graph.ipynb #fa6401dc
 @patch
 def forward(self: PatchableModel, tokens, *args, **kwargs):
-    "Run the wrapped model on `tokens` (after the shared prefix in a KV cache, when one matches the batch size)."
+    "Run the wrapped model on `tokens` (after the shared prefix, when the model was given a KV cache of one)."
     if self._patching is None: raise RuntimeError("this PatchableModel was unwrapped")
-    kv_cache = self.kv_caches.get(tokens.shape[0]) if hasattr(tokens, "shape") else None
+    kv_cache = None if self._prefix is None or "past_kv_cache" in kwargs else self._prefix.cache_for(tokens)
     return self._patching.adapter.run(tokens, *args, kv_cache=kv_cache, **kwargs)
+
+@patch
+def _with_prefix(self: PatchableModel, tokens, kwargs: dict) -> dict:
+    "`kwargs` with the shared prefix's cache (and the attention mask TransformerLens then needs) added, when there is one."
+    if self._prefix is None or "past_kv_cache" in kwargs: return kwargs
+    return {**kwargs, "past_kv_cache": self._prefix.cache_for(tokens), "attention_mask": kwargs.get("attention_mask", t.ones_like(tokens))}
+
+@patch
+def run_with_cache(self: PatchableModel, tokens, *args, **kwargs):
+    "The wrapped model's `run_with_cache` on `tokens`, after the shared prefix as in `forward` (auto-circuit's method)."
+    return self.wrapped_model.run_with_cache(tokens, *args, **self._with_prefix(tokens, kwargs))
+
+@patch
+def input_to_embed(self: PatchableModel, tokens, *args, **kwargs):
+    "The wrapped model's `input_to_embed` on `tokens`, after the shared prefix as in `forward` (auto-circuit's method)."
+    return self.wrapped_model.input_to_embed(tokens, *args, **self._with_prefix(tokens, kwargs))
 
 # %% ../nbs/01_graph.ipynb #4c912934
 @patch
 def find_edge(self: PatchableModel, name: str, seq_idx: Optional[int] = None) -> Edge:
     "The edge called `name` (at position `seq_idx`, for graphs with positions)."
-    if self._edge_by_name is None: self._edge_by_name = {(e.name, e.seq_idx): e for e in self.edges}
-    try: return self._edge_by_name[(name, seq_idx)]
-    except KeyError: raise KeyError(f"the model has no edge {name!r}" + ("" if seq_idx is None else f" at position {seq_idx}")) from None
+    if not isinstance(name, str): raise TypeError(f"name must be an edge name such as 'A0.0->Resid End', not {type(name).__name__}")
+    edge = self.edge_name_dict.get(seq_idx, {}).get(name)
+    if edge is None:
+        hint = f" (the graph has one edge per position: give seq_idx in [0, {self.seq_len}))" if self.seq_len and seq_idx is None else ""
+        raise KeyError(f"the model has no edge {name!r}" + ("" if seq_idx is None else f" at position {seq_idx}") + hint)
+    return edge
 
 @patch
 def new_prune_scores(self: PatchableModel, init_val: float = 0.0) -> PruneScores:
     "Scores shaped like the masks (without a per-prompt axis), filled with `init_val`."
+    init_val = _check_real(init_val, "init_val")
     return {w.module_name: t.full(w.mask_shape, init_val, device=w.patch_mask.device) for w in self.dest_wrappers}
 
 @patch
@@ -691,13 +760,87 @@ def unwrap(self: PatchableModel) -> HookedTransformer:
     self._patching = None
     return self.wrapped_model
 
+# %% ../nbs/01_graph.ipynb #294b3ad9
+class _SharedPrefix:
+    "The prefix every prompt starts with, kept as one row of keys and values per layer; a frozen cache of it for any batch size."
+    def __init__(self, caches: list):
+        self.caches = {c.previous_attention_mask.shape[0]: c for c in caches}  # as given, by batch size
+        first = caches[0]
+        self.cache_type, self.entry_type = type(first), type(first.entries[0])
+        self.keys = [e.past_keys[:1] for e in first.entries]  # [1, prefix, heads, d_head] per layer
+        self.values = [e.past_values[:1] for e in first.entries]
+        self.attention_mask = first.previous_attention_mask[:1]
+        self.by_batch: Dict[int, object] = {}
+
+    def cache_for(self, tokens) -> object:
+        "A frozen cache holding the prefix once per prompt of `tokens` `[batch, seq]`, its tensors views of the one row."
+        if not isinstance(tokens, Tensor) or tokens.ndim != 2:
+            raise TypeError("with a shared-prefix KV cache the model takes token ids shaped [batch, seq], "
+                            f"not {type(tokens).__name__}{tuple(tokens.shape) if isinstance(tokens, Tensor) else ''}")
+        batch = tokens.shape[0]
+        cache = self.by_batch.get(batch)
+        if cache is None:
+            grow = lambda x: x.expand(batch, *x.shape[1:])
+            entries = [self.entry_type(past_keys=grow(k), past_values=grow(v), frozen=True) for k, v in zip(self.keys, self.values)]
+            cache = self.by_batch[batch] = self.cache_type(entries=entries, previous_attention_mask=grow(self.attention_mask), frozen=True)
+        return cache
+
+def _rows_differ(x: Tensor) -> Optional[int]:
+    "The first row of `x` (axis 0) that is not row 0, to float tolerance; None when all are row 0."
+    if x.is_floating_point():
+        eps = t.finfo(x.dtype).eps
+        same = t.isclose(x, x[:1].expand_as(x), rtol=max(1e-4, 16 * eps), atol=max(1e-5, 16 * eps))
+    else: same = x == x[:1]
+    rows = (~same.flatten(1).all(1)).nonzero()
+    return int(rows[0]) if len(rows) else None
+
+def _shared_prefix(kv_caches, cfg) -> Optional[_SharedPrefix]:
+    "Check `kv_caches` (a tuple of frozen caches of one shared prefix, Nones, or None) and keep their prefix."
+    if kv_caches is None: return None
+    if not isinstance(kv_caches, (tuple, list)):
+        raise TypeError(f"kv_caches must be a tuple of frozen TransformerLens KV caches (or None), not {type(kv_caches).__name__}; "
+                        "pass one cache as (cache,)")
+    caches = [c for c in kv_caches if c is not None]
+    for i, cache in enumerate(caches):
+        if not all(hasattr(cache, a) for a in ("entries", "previous_attention_mask", "frozen")):
+            raise TypeError(f"kv_caches holds a {type(cache).__name__}, not a TransformerLens KV cache")
+        if not cache.frozen: raise ValueError("KV caches must be frozen (cache.freeze()) so that runs do not extend them")
+        if len(cache.entries) != cfg.n_layers:
+            raise ValueError(f"kv_caches holds a cache of {len(cache.entries)} layers for a model of {cfg.n_layers}")
+        if cache.entries[0].past_keys.shape[1] == 0: raise ValueError("kv_caches holds an empty cache: run the prefix into it first")
+        for layer, entry in enumerate(cache.entries):
+            for what, x in (("keys", entry.past_keys), ("values", entry.past_values)):
+                if x.dtype != cfg.dtype: raise ValueError(f"kv_caches holds {what} of dtype {x.dtype} for a model of dtype {cfg.dtype}")
+                if not t.isfinite(x).all(): raise ValueError(f"kv_caches holds non-finite {what} in layer {layer}")
+                row = _rows_differ(x)
+                if row is not None:
+                    raise ValueError(f"kv_caches: the cache's rows are not one shared prefix (the {what} of layer {layer} differ "
+                                     f"between row 0 and row {row}); make it from one prefix repeated, or pass none")
+        if _rows_differ(cache.previous_attention_mask) is not None:
+            raise ValueError("kv_caches: the cache's attention mask differs between rows: its rows are not one shared prefix")
+    if not caches: return None
+    prefix = _SharedPrefix(caches)
+    for cache in caches[1:]:
+        other = _SharedPrefix([cache])
+        same = all(k.shape == k2.shape and _rows_differ(t.cat([k, k2])) is None
+                   for k, k2 in zip(prefix.keys + prefix.values, other.keys + other.values))
+        if not same: raise ValueError("kv_caches hold different prefixes; give the caches of one shared prefix")
+    return prefix
+
+def _check_device(device) -> t.device:
+    "`device` as a `torch.device`; a `TypeError`/`ValueError` naming it otherwise."
+    try: return t.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise (ValueError if isinstance(device, str) else TypeError)(
+            f"device must be a torch.device or a device name such as 'cpu', not {device!r}") from None
+
 # %% ../nbs/01_graph.ipynb #dc067f56
 def patchable_model(model: HookedTransformer, # the model to wrap (in place; `.unwrap()` undoes it)
                     factorized: bool, # edges between all layers (True) or node ablation (False)
                     slice_output: OutputSlice = None, # which positions the metrics read: `model.out_slice`
                     seq_len: Optional[int] = None, # masks per token position when set
                     separate_qkv: Optional[bool] = None, # separate Q, K, V destinations (factorized; default True)
-                    kv_caches: Tuple[Optional[object], ...] = (None,), # frozen TransformerLens KV caches of a shared prefix
+                    kv_caches: Optional[Tuple[Optional[object], ...]] = (None,), # frozen TransformerLens KV caches of one shared prefix (None: none)
                     device: t.device = t.device("cpu"), # where the masks live
                    ) -> PatchableModel:
     "Wrap `model` for patching: build its graph, add a mask per edge and the hooks that apply them."
@@ -707,11 +850,8 @@ def patchable_model(model: HookedTransformer, # the model to wrap (in place; `.u
     check_option("slice_output", slice_output, list(OUT_SLICES))
     if factorized and separate_qkv is None: separate_qkv = True
     nodes, srcs, dests, edge_dict, edges, seq_dim, seq_len = graph_edges(model, factorized, separate_qkv, seq_len)
-    caches = {}
-    for cache in kv_caches:
-        if cache is None: continue
-        if not getattr(cache, "frozen", False): raise ValueError("KV caches must be frozen (cache.freeze()) so that runs do not extend them")
-        caches[cache.entries[0].past_keys.shape[0]] = cache
+    caches = _shared_prefix(kv_caches, model.cfg)
+    device = _check_device(device)
     patching = make_model_patchable(model, factorized, srcs, nodes, device, seq_len, seq_dim)
     wrapped = PatchableModel(nodes, srcs, dests, edge_dict, edges, seq_dim, seq_len, patching, OUT_SLICES[slice_output],
                              factorized, separate_qkv, caches, model)
@@ -719,8 +859,28 @@ def patchable_model(model: HookedTransformer, # the model to wrap (in place; `.u
     return wrapped
 
 # %% ../nbs/01_graph.ipynb #58c0e520
-def _resolve_edges(model: PatchableModel, edges) -> List[Edge]:
-    return [model.find_edge(e) if isinstance(e, str) else e for e in edges]
+def _resolve_edges(model: PatchableModel, edges, name: str = "edges") -> List[Edge]:
+    "The model's edges that `edges` names: `Edge`s of its graph, or names (a name: that edge at every position)."
+    if isinstance(edges, (str, Edge)) or not isinstance(edges, abc.Iterable):
+        raise TypeError(f"{name} must be a collection of Edges or edge names, not a single {type(edges).__name__} "
+                        f"{str(edges)[:60]!r}; write [{str(edges)[:60]!r}]")
+    found = []
+    for e in edges:
+        if isinstance(e, str):
+            at = [d[e] for d in model.edge_name_dict.values() if e in d]
+            if not at: raise ValueError(f"{name}: the model has no edge {e!r}")
+            found += at
+        elif isinstance(e, Edge):
+            if e not in model.edges: raise ValueError(f"{name}: the edge {e!r} is not in the model's graph")
+            found.append(e)
+        else: raise TypeError(f"{name} must hold Edges or edge names, not {type(e).__name__} {e!r}")
+    return found
+
+def _edge_indices(edges: Iterable[Edge]) -> Dict[str, tuple]:
+    "Destination module name -> the index (one tensor per mask axis, after any per-prompt axis) of `edges` in its mask."
+    by_module: Dict[str, List[tuple]] = {}
+    for e in edges: by_module.setdefault(e.dest.module_name, []).append(e.patch_idx)
+    return {n: (Ellipsis, *map(t.tensor, zip(*idxs))) for n, idxs in by_module.items()}
 
 def _check_src_outs(model: PatchableModel, src_outs: Tensor, name: str):
     if not isinstance(src_outs, Tensor) or src_outs.ndim != 4 or src_outs.shape[0] != model.n_srcs \
@@ -730,9 +890,9 @@ def _check_src_outs(model: PatchableModel, src_outs: Tensor, name: str):
 
 @contextmanager
 def _restoring_masks(model: PatchableModel):
-    "Put every mask's values, `requires_grad` and gradient back on exit."
+    "Put every mask's values, `requires_grad` and gradient (its values: a backward pass inside adds into it in place) back on exit."
     masks = model.patch_masks
-    saved = {name: (m.detach().clone(), m.requires_grad, m.grad) for name, m in masks.items()}
+    saved = {name: (m.detach().clone(), m.requires_grad, None if m.grad is None else m.grad.clone()) for name, m in masks.items()}
     try: yield masks
     finally:
         with t.no_grad():
@@ -742,18 +902,21 @@ def _restoring_masks(model: PatchableModel):
 @contextmanager
 def patch_mode(model: PatchableModel, # the wrapped model
                patch_src_outs: Tensor, # ablation values `[n_srcs, batch, seq, d_model]`; batch 1 serves every prompt (a dataset mean)
-               edges: Optional[Iterable[Union[Edge, str]]] = None, # edges to switch on (mask 1) while patching
+               edges: Optional[Collection[Union[Edge, str]]] = None, # if given, patch exactly these: all masks 0, theirs 1
                curr_src_outs: Optional[Tensor] = None): # if given, each forward copies its source outputs here
-    "Patch the model's edges by their masks, with `patch_src_outs` as the ablation values."
+    "Patch the model's edges by their masks, with `patch_src_outs` as the ablation values; on exit the masks are as before."
+    check_patchable(model)
     _check_src_outs(model, patch_src_outs, "patch_src_outs")
     if curr_src_outs is not None: _check_src_outs(model, curr_src_outs, "curr_src_outs")
-    edges = _resolve_edges(model, edges or [])
+    edges = None if edges is None else _edge_indices(_resolve_edges(model, edges))
     state = model.patch_state
     saved_state = state.patch_src_outs, state.capture
     with _restoring_masks(model) as masks:
         try:
-            with t.no_grad():
-                for e in edges: masks[e.dest.module_name][(Ellipsis, *e.patch_idx)] = 1.0
+            if edges is not None:
+                with t.no_grad():
+                    for m in masks.values(): m.zero_()
+                    for name, idx in edges.items(): masks[name][idx] = 1.0
             state.patch_src_outs, state.capture = patch_src_outs, curr_src_outs
             yield model
         finally:
@@ -763,7 +926,7 @@ def patch_mode(model: PatchableModel, # the wrapped model
 @contextmanager
 def reusing_buffers(model: PatchableModel):
     "Keep the buffers of patching without autograd from one `patch_mode` to the next (a loop over batches); free them on exit."
-    state = model.patch_state
+    state = check_patchable(model).patch_state
     state.keep_buffers += 1
     try: yield model
     finally:
@@ -775,7 +938,8 @@ def source_outputs(model: PatchableModel, # the wrapped model
                    tokens: Tensor, # `[batch, seq]` token ids
                   ) -> Tensor:
     "The output of every source node on `tokens`, `[n_srcs, batch, seq, d_model]`, from an unpatched forward pass."
-    state = model.patch_state
+    state = check_patchable(model).patch_state
+    _check_tokens(model, tokens)
     out = t.empty(model.n_srcs, tokens.shape[0], tokens.shape[1], model.cfg.d_model,
                   device=tokens.device, dtype=model.cfg.dtype)
     saved = state.patch_src_outs, state.capture
@@ -786,33 +950,93 @@ def source_outputs(model: PatchableModel, # the wrapped model
     return out
 
 # %% ../nbs/01_graph.ipynb #04983b61
-def set_all_masks(model: PatchableModel, val: float):
+def set_all_masks(model: PatchableModel, # the wrapped model
+                  val: float): # the value every mask takes (a finite number)
     "Fill every mask with `val`."
+    val = _check_real(val, "val")
     with t.no_grad():
-        for m in model.patch_masks.values(): m.fill_(val)
+        for m in check_patchable(model).patch_masks.values(): m.fill_(val)
 
-def set_masks(model: PatchableModel, masks: Dict[str, Tensor]):
+def set_masks(model: PatchableModel, # the wrapped model
+              masks: Dict[str, Tensor]): # destination module name -> values shaped like its mask
     "Copy `masks` (destination module name -> values shaped like its mask) into the model's masks."
-    own = model.patch_masks
+    own = check_patchable(model).patch_masks
+    if not isinstance(masks, Mapping): raise TypeError(f"masks must be a dict of destination module name -> tensor, not {type(masks).__name__}")
     for name, val in masks.items():
         if name not in own: raise KeyError(f"the model has no destination module {name!r}")
+        if not isinstance(val, Tensor): raise TypeError(f"masks[{name!r}] must be a tensor, not {type(val).__name__}")
         if tuple(val.shape) != tuple(own[name].shape):
             raise ValueError(f"mask for {name} is shaped {tuple(val.shape)}, expected {tuple(own[name].shape)}")
+        if val.is_floating_point() and not t.isfinite(val).all(): raise ValueError(f"masks[{name!r}] holds non-finite values")
     with t.no_grad():
         for name, val in masks.items(): own[name].copy_(val)
 
+# %% ../nbs/01_graph.ipynb #8cd9a636
+@patch
+def circuit_prune_scores(self: PatchableModel,
+                         edges: Optional[Collection[Union[Edge, str]]] = None, # the circuit: Edges, or names (a name: that edge at every position)
+                         edge_dict: Optional[Mapping[Union[Edge, str], float]] = None, # or each circuit edge's score
+                         bool: bool = False, # boolean scores (in the circuit or not) instead of floats
+                        ) -> PruneScores:
+    "`PruneScores` of a circuit: 1 on `edges` (or `edge_dict`'s values on its edges) and 0 elsewhere, shaped like `new_prune_scores()`."
+    if (edges is None) == (edge_dict is None): raise ValueError("give the circuit as edges or as edge_dict, one of them")
+    scores = self.new_prune_scores()
+    if edges is not None:
+        for name, idx in _edge_indices(_resolve_edges(self, edges)).items(): scores[name][idx] = 1.0
+    else:
+        if not isinstance(edge_dict, Mapping): raise TypeError(f"edge_dict must be a dict of edge (or name) -> score, not {type(edge_dict).__name__}")
+        for key, value in edge_dict.items():
+            value = _check_real(value, f"edge_dict[{key!r}]")
+            for e in _resolve_edges(self, [key], "edge_dict"): scores[e.dest.module_name][e.patch_idx] = value
+    return {n: s.bool() for n, s in scores.items()} if bool else scores
+
+@patch
+def current_patch_masks_as_prune_scores(self: PatchableModel) -> PruneScores:
+    "The current mask values as `PruneScores` (copies; with a per-prompt axis while `set_mask_batch_size` is active)."
+    return {n: m.detach().clone() for n, m in self.patch_masks.items()}
+
 # %% ../nbs/01_graph.ipynb #f9babbd9
-@contextmanager
-def train_mask_mode(model: PatchableModel, requires_grad: bool = True):
-    "Make the masks require gradients (or not); yield them by destination module name."
-    with _restoring_masks(model) as masks:
-        for m in masks.values(): m.requires_grad_(requires_grad); m.grad = None
-        yield masks
+class MaskParameters(dict):
+    "The masks `train_mask_mode` yields, destination module name -> `Parameter`, and in `.grads` the sum of every gradient they received in its block."
+    def __init__(self, masks: Dict[str, nn.Parameter]):
+        super().__init__(masks)
+        self.grads: Dict[str, Tensor] = {}  # module name -> summed gradient, for masks that received one
+
+    def _collect(self, name: str, grad: Tensor):
+        "Tensor hook: add a gradient computed for mask `name` (by `.backward()` or `torch.autograd.grad`)."
+        total = self.grads.get(name)
+        if total is None: self.grads[name] = grad.detach().clone()
+        else: total.add_(grad.detach())
+
+    def zero_grad(self):
+        "Forget the gradients collected so far (e.g. between batches)."
+        self.grads = {}
 
 @contextmanager
-def mask_fn_mode(model: PatchableModel, mask_fn: MaskFn, dropout_p: float = 0.0):
+def train_mask_mode(model: PatchableModel, # the wrapped model
+                    requires_grad: bool = True): # whether the masks require gradients in the block
+    "Make the masks require gradients (or not) and be sampled (the wrappers in training mode, the model in eval mode); yield them by destination module name as a `MaskParameters`, which sums their gradients."
+    _check_bool(requires_grad, "requires_grad")
+    with _restoring_masks(check_patchable(model)) as masks:
+        params = MaskParameters(masks)
+        for m in masks.values(): m.requires_grad_(requires_grad); m.grad = None
+        handles = [m.register_hook(partial(params._collect, n)) for n, m in masks.items()] if requires_grad else []
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()  # as in auto-circuit: the model computes as in evaluation, while its masks ...
+        for w in model.wrappers: w.train()  # ... are sampled with their noise (hard concrete, dropout)
+        try: yield params
+        finally:
+            for m, training in modes: m.training = training
+            for h in handles: h.remove()
+
+@contextmanager
+def mask_fn_mode(model: PatchableModel, # the wrapped model
+                 mask_fn: MaskFn, # None, "hard_concrete" or "sigmoid"
+                 dropout_p: float = 0.0): # probability of dropping each mask value in training mode, in [0, 1)
     "Apply `mask_fn` (None, 'hard_concrete' or 'sigmoid') and mask dropout to the masks while patching."
+    check_patchable(model)
     check_option("mask_fn", mask_fn, [None, "hard_concrete", "sigmoid"])
+    dropout_p = _check_real(dropout_p, "dropout_p")
     if not 0 <= dropout_p < 1: raise ValueError(f"dropout_p must be in [0, 1), not {dropout_p}")
     state = model.patch_state
     saved = state.mask_fn, state.dropout_p
@@ -822,10 +1046,12 @@ def mask_fn_mode(model: PatchableModel, mask_fn: MaskFn, dropout_p: float = 0.0)
     finally: state.mask_fn, state.dropout_p = saved
 
 @contextmanager
-def set_mask_batch_size(model: PatchableModel, batch_size: Optional[int]):
+def set_mask_batch_size(model: PatchableModel, # the wrapped model
+                        batch_size: Optional[int]): # prompts (or groups of prompts) with their own masks; None: no change
     "Give each of `batch_size` prompts its own masks (None: shared masks, no change); a batch `k` times larger gives each group of `k` consecutive prompts its own."
+    check_patchable(model)
     if batch_size is None: yield; return
-    if not isinstance(batch_size, int) or batch_size < 1: raise ValueError(f"batch_size must be a positive int, not {batch_size!r}")
+    batch_size = _check_int(batch_size, "batch_size", 1)
     wrappers = model.dest_wrappers
     if any(w.patch_mask.shape != w.mask_shape for w in wrappers): raise ValueError("the masks already have a batch axis")
     saved = [w.patch_mask for w in wrappers]
@@ -837,15 +1063,21 @@ def set_mask_batch_size(model: PatchableModel, batch_size: Optional[int]):
         for w, m in zip(wrappers, saved): w.patch_mask = m
 
 # %% ../nbs/01_graph.ipynb #d246eee8
-def out_slice_logits(model: PatchableModel, tokens: Tensor, *args, **kwargs) -> Tensor:
+def out_slice_logits(model: PatchableModel, # the wrapped model
+                     tokens: Tensor, # `[batch, seq]` token ids
+                     *args, **kwargs) -> Tensor:
     "`model(tokens)[model.out_slice]`, with the final norm and unembedding computed at those positions only."
+    _check_tokens(check_patchable(model), tokens)
     resid = model(tokens, *args, logits=False, **kwargs)
     return model.patch_state.adapter.logits(resid[model.out_slice])
 
 # %% ../nbs/01_graph.ipynb #308355ef
 def _score_groups(prune_scores: PruneScores) -> List[int]:
     "Edge counts at the end of each group of equal |score|, from the highest |score| down."
+    if not isinstance(prune_scores, Mapping) or not all(isinstance(s, Tensor) for s in prune_scores.values()):
+        raise TypeError(f"prune_scores must be a dict of destination module name -> tensor, not {type(prune_scores).__name__}")
     flat = t.cat([s.detach().flatten().abs() for s in prune_scores.values()])
+    if not t.isfinite(flat).all(): raise ValueError("prune_scores holds non-finite scores (NaN or inf): they cannot be ranked")
     _, group_sizes = t.unique(flat, sorted=True, return_counts=True)
     return group_sizes.flip(0).cumsum(0).tolist()
 
@@ -857,15 +1089,39 @@ def _logarithmic_counts(n_edges: int) -> List[int]:
     return counts
 
 # %% ../nbs/01_graph.ipynb #ebf7a111
-def edge_counts_util(edges: Set[Edge], # the graph's edges (only their number is used)
-                     test_counts: Optional[TestEdges] = None, # a rule, or explicit counts / fractions
+def edge_counts_from(test_counts: Sequence[Union[int, float]], # circuit sizes: ints are numbers of edges, floats fractions of all edges
+                     n_edges: int, # the number of edges in the graph
+                     name: str = "test_counts", # the parameter's name, for messages
+                    ) -> List[int]:
+    "The numbers of edges `test_counts` names, in its order: an int is a count in [0, n_edges], a float a fraction in [0.0, 1.0] of all edges, rounded to the nearest count (so 1 is one edge and 1.0 every edge). A `TypeError`/`ValueError` naming `name` otherwise."
+    n_edges = _check_int(n_edges, "n_edges", 0)
+    if isinstance(test_counts, (str, bytes)) or not isinstance(test_counts, (list, tuple, range)):
+        raise TypeError(f"{name} must be a list of edge counts (ints) or fractions of all edges (floats), not {type(test_counts).__name__}")
+    counts = []
+    for c in test_counts:
+        if isinstance(c, bool) or not isinstance(c, numbers.Real):
+            raise TypeError(f"{name} holds {c!r} ({type(c).__name__}): each entry must be an int (a count) or a float (a fraction of all edges)")
+        if isinstance(c, numbers.Integral):
+            if not 0 <= c <= n_edges: raise ValueError(f"{name} holds the count {c}, outside [0, {n_edges}] (the graph has {n_edges} edges)")
+            counts.append(int(c))
+        else:
+            if not math.isfinite(c) or not 0.0 <= c <= 1.0:
+                raise ValueError(f"{name} holds the fraction {c!r}, outside [0.0, 1.0] (a float is a fraction of all edges; an int, a count)")
+            counts.append(math.floor(c * n_edges + 0.5))
+    return counts
+
+def edge_counts_util(edges: Collection[Edge], # the graph's edges (only their number is used)
+                     test_counts: Optional[TestEdges] = None, # a rule, or explicit counts (ints) / fractions of all edges (floats)
                      prune_scores: Optional[PruneScores] = None, # scores, for `GROUPS` and its default choice
-                     zero_edges: Optional[bool] = None, # add 0 (default: when there are more than two counts)
-                     all_edges: Optional[bool] = None, # add all edges (default: when there are more than two counts)
+                     zero_edges: Optional[bool] = None, # add 0 (True), drop it (False); default: add when there are more than two counts
+                     all_edges: Optional[bool] = None, # add all edges (True), drop that count (False); default: as zero_edges
                      true_edge_count: Optional[int] = None, # add the size of a known circuit
                     ) -> List[int]:
     "The sorted circuit sizes (numbers of edges) at which to evaluate a ranking."
+    if not hasattr(edges, "__len__") or isinstance(edges, (str, bytes, numbers.Number)):
+        raise TypeError(f"edges must be the graph's edges (model.edges), not {type(edges).__name__}")
     n_edges = len(edges)
+    _check_bool(zero_edges, "zero_edges", allow_none=True); _check_bool(all_edges, "all_edges", allow_none=True)
     if test_counts is None:
         test_counts = EdgeCounts.LOGARITHMIC if n_edges > 200 else EdgeCounts.ALL
         if prune_scores is not None and len(_score_groups(prune_scores)) < min(n_edges / 2, 100):
@@ -875,29 +1131,39 @@ def edge_counts_util(edges: Set[Edge], # the graph's edges (only their number is
     elif test_counts == EdgeCounts.GROUPS:
         if prune_scores is None: raise ValueError("EdgeCounts.GROUPS needs prune_scores")
         counts = _score_groups(prune_scores)
-    elif isinstance(test_counts, (list, tuple)): counts = [_as_count(c, n_edges) for c in test_counts]
-    else: raise ValueError(f"test_counts must be an EdgeCounts or a list of counts/fractions, not {test_counts!r}")
-    many = len(counts) > 2
-    if zero_edges if zero_edges is not None else many: counts.append(0)
-    if all_edges if all_edges is not None else many: counts.append(n_edges)
-    if true_edge_count is not None: counts.append(_as_count(true_edge_count, n_edges))
-    return sorted(set(counts))
-
-def _as_count(c, n_edges: int) -> int:
-    "An edge count from an int, or from a float fraction of all edges."
-    if isinstance(c, float) and 0.0 <= c <= 1.0: return round(c * n_edges)
-    if isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= n_edges: return c
-    raise ValueError(f"edge count {c!r} is neither an int in [0, {n_edges}] nor a float fraction in [0, 1]")
+    elif isinstance(test_counts, (list, tuple, range)): counts = edge_counts_from(test_counts, n_edges)
+    else: raise TypeError(f"test_counts must be an EdgeCounts or a list of counts/fractions, not {test_counts!r}")
+    many, counts = len(counts) > 2, set(counts)
+    for count, wanted in ((0, zero_edges), (n_edges, all_edges)):
+        if wanted if wanted is not None else many: counts.add(count)
+        elif wanted is False: counts.discard(count)
+    if true_edge_count is not None: counts.add(_check_int(true_edge_count, "true_edge_count", 0, n_edges))
+    return sorted(counts)
 
 # %% ../nbs/01_graph.ipynb #8dfe25eb
+def _check_scores_fit(model: PatchableModel, prune_scores, name: str = "prune_scores"):
+    "Raise a `TypeError`/`ValueError` naming `name` unless `prune_scores` has a finite tensor shaped like each of the model's masks."
+    if not isinstance(prune_scores, Mapping): raise TypeError(f"{name} must be a dict of destination module name -> tensor, not {type(prune_scores).__name__}")
+    for w in model.dest_wrappers:
+        s = prune_scores.get(w.module_name)
+        if not isinstance(s, Tensor): raise ValueError(f"{name} has no tensor for {w.module_name} (expected shape {w.mask_shape})")
+        if tuple(s.shape) != w.mask_shape: raise ValueError(f"{name}[{w.module_name!r}] is shaped {tuple(s.shape)}, expected {w.mask_shape}")
+        if s.is_floating_point() and not t.isfinite(s).all(): raise ValueError(f"{name}[{w.module_name!r}] holds non-finite scores")
+
 def draw_graph(model: PatchableModel, # the wrapped model
                prune_scores: Optional[PruneScores] = None, # edge scores; None draws every edge
                top_k: Optional[int] = None, # draw only the top_k edges by |score|
                ax=None, # a matplotlib Axes to draw on (default: a new figure)
-               title: Optional[str] = None):
+               title: Optional[str] = None,
+               seq_idx: Optional[int] = None): # the token position to draw, for graphs with positions (default: the first)
     "Draw the model's graph (or its highest-scoring edges) with matplotlib; return the Axes."
     import matplotlib.pyplot as plt
-    edges = [e for e in model.edges if e.seq_idx in (None, 0)]
+    check_patchable(model)
+    if top_k is not None: top_k = _check_int(top_k, "top_k", 0)
+    if prune_scores is not None: _check_scores_fit(model, prune_scores)
+    if seq_idx is not None and model.seq_len is None: raise ValueError("seq_idx is for graphs with positions (seq_len set); this one has none")
+    if seq_idx is not None: _check_int(seq_idx, "seq_idx", 0, model.seq_len - 1)
+    edges = [e for e in model.edges if e.seq_idx in ((None, 0) if seq_idx is None else (seq_idx,))]
     if prune_scores is not None:
         scored = sorted(((e.prune_score(prune_scores).item(), e) for e in edges), key=lambda se: -abs(se[0]))
         scored = scored[:top_k] if top_k is not None else scored

@@ -30,6 +30,13 @@ class Node:
     def __hash__(self): return hash(self.name)
     def __repr__(self): return f"{type(self).__name__}({self.name!r})"
 
+    def module(self, model) -> t.nn.Module:
+        "The `PatchWrapper` on this node's hook point in `model` (a `PatchableModel`): it records a source's output and holds a destination's mask."
+        from circuit_nb.checks import check_patchable  # the checks build on these types
+        for w in check_patchable(model).wrappers:
+            if w.module_name == self.module_name: return w
+        raise ValueError(f"node {self.name} is not in model's graph: the model has no wrapper on {self.module_name}")
+
 # %% ../nbs/00_types.ipynb #bbdd4ac8
 @dataclass(frozen=True, repr=False)
 class SrcNode(Node):
@@ -74,7 +81,8 @@ class Edge(NamedTuple):
 
     def patch_mask(self, model) -> t.nn.Parameter:
         "The mask tensor of this edge's destination in `model` (a `PatchableModel`)."
-        return model.patch_masks[self.dest.module_name]
+        from circuit_nb.checks import check_patchable  # the checks build on these types
+        return check_patchable(model).patch_masks[self.dest.module_name]
 
     def mask_value(self, model) -> Tensor:
         "This edge's mask value (one per prompt while per-prompt masks are set)."
@@ -102,6 +110,16 @@ class AblationType(Enum):
     def mean_over_dataset(self) -> bool:
         "Whether the value is a mean over the whole dataset (and so computed in one pass beforehand)."
         return self.name.startswith("TOKENWISE_MEAN")
+
+    @property
+    def clean_dataset(self) -> bool:
+        "Whether the value is a mean over the dataset's clean prompts (auto-circuit's name)."
+        return self in (AblationType.TOKENWISE_MEAN_CLEAN, AblationType.TOKENWISE_MEAN_CLEAN_AND_CORRUPT)
+
+    @property
+    def corrupt_dataset(self) -> bool:
+        "Whether the value is a mean over the dataset's corrupt prompts (auto-circuit's name)."
+        return self in (AblationType.TOKENWISE_MEAN_CORRUPT, AblationType.TOKENWISE_MEAN_CLEAN_AND_CORRUPT)
 
     @property
     def takes_clean_corrupt(self) -> bool:
@@ -139,4 +157,4 @@ class EdgeCounts(Enum):
     LOGARITHMIC = 2  # 1..9, 10..90, 100..900, ... below the number of edges
     GROUPS = 3  # one count per group of edges with equal scores
 
-TestEdges = Union[EdgeCounts, List[Union[int, float]]]  # a rule, or explicit counts / fractions of all edges
+TestEdges = Union[EdgeCounts, List[Union[int, float]]]  # a rule, or explicit sizes: ints are numbers of edges, floats fractions of all edges
