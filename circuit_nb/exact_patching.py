@@ -10,7 +10,6 @@ import torch as t
 from torch import Tensor
 
 from .checks import check_finite, check_int, check_loader, check_patchable
-from .circuits import PROMPTS_PER_PASS
 from .data import (PromptDataLoader, PromptPairBatch, answer_means, batch_answer_diffs,
                              batch_src_ablations)
 from .graph import PatchableModel, out_slice_logits, patch_mode, reusing_buffers, set_mask_batch_size
@@ -19,8 +18,8 @@ from .progress_bars import progress
 from .types import AblationType, Edge, PruneScores, check_option
 
 # %% auto #0
-__all__ = ['prompt_losses', 'edge_group_masks', 'tiled_batch', 'run_mask_groups', 'exact_prune_scores', 'spearman_correlation',
-           'top_k_overlap']
+__all__ = ['PASS_ELEMENTS', 'prompt_losses', 'edge_group_masks', 'tiled_batch', 'run_mask_groups', 'groups_per_pass',
+           'exact_prune_scores', 'spearman_correlation', 'top_k_overlap']
 
 # %% ../nbs/10_exact_patching.ipynb #8c86db95
 def prompt_losses(logits: Tensor, # [batch, ..., vocab] logits at `model.out_slice`
@@ -64,6 +63,14 @@ def run_mask_groups(model: PatchableModel, # the wrapped model
         return out_slice_logits(model, tokens.repeat(m, 1))
 
 # %% ../nbs/10_exact_patching.ipynb #8a40204a
+PASS_ELEMENTS = 2 ** 18  # activation values (prompts · positions · d_model) of one pass: beyond, a larger pass saves little
+
+def groups_per_pass(model: PatchableModel, # the wrapped model
+                    tokens: Tensor, # [b, seq] the prompts each mask group runs
+                   ) -> int:
+    "How many mask groups to run in one pass over `tokens`: enough for about `PASS_ELEMENTS` residual-stream values, at least 1."
+    return max(1, PASS_ELEMENTS // (tokens.numel() * model.cfg.d_model))
+
 def _chunks(n: int, most: int) -> List[range]:
     "`range(n)` in as few consecutive chunks of at most `most` as possible, of nearly equal sizes."
     k = -(-n // most)
@@ -83,7 +90,7 @@ def exact_prune_scores(model: PatchableModel, # the wrapped model (see `patchabl
                        answer_function: str = "avg_diff", # the loss: "avg_diff", "avg_val" or "mse" (see `prompt_losses`)
                        ablation_type: AblationType = AblationType.RESAMPLE, # what a patched edge carries
                        clean_corrupt: Optional[str] = "corrupt", # which prompts RESAMPLE / batch means take values from
-                       edges_per_pass: Optional[int] = None, # edges patched in one forward pass (None: enough for 16 prompts, at least 1)
+                       edges_per_pass: Optional[int] = None, # edges patched in one forward pass (None: `groups_per_pass`)
                       ) -> PruneScores:
     """The change of the loss, averaged over all prompts, when each edge alone is patched on the clean prompt.
 
@@ -107,7 +114,7 @@ def exact_prune_scores(model: PatchableModel, # the wrapped model (see `patchabl
             b = batch.clean.shape[0]
             clean = check_finite(prompt_losses(out_slice_logits(model, batch.clean), batch, answer_function),
                                  "the loss of the clean run")
-            for chunk in _chunks(len(edges), edges_per_pass or max(1, PROMPTS_PER_PASS // b)):
+            for chunk in _chunks(len(edges), edges_per_pass or groups_per_pass(model, batch.clean)):
                 masks = edge_group_masks(model, [[edges[i]] for i in chunk])
                 out = run_mask_groups(model, batch.clean, ablations[batch.key], masks)
                 losses = prompt_losses(out, tiled_batch(batch, len(chunk)), answer_function).view(len(chunk), b)
