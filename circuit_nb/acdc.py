@@ -15,7 +15,7 @@ from torch.nn.functional import kl_div, mse_loss
 
 from .checks import check_finite, check_loader, check_number, check_patchable
 from .data import BatchKey, PromptDataLoader, batch_src_ablations, multibatch_kl_div
-from .exact_patching import _check_no_kv_cache, _chunks, groups_per_pass, run_mask_groups
+from .exact_patching import _at_least_float32, _check_no_kv_cache, _chunks, groups_per_pass, run_mask_groups
 from .graph import PatchableModel, draw_graph, out_slice_logits, patch_mode, reusing_buffers, set_masks
 from .progress_bars import progress
 from .types import AblationType, Edge, PruneScores, check_option
@@ -32,15 +32,16 @@ def faithfulness_reference(clean_logits: Tensor, # [b, ..., vocab] the unpatched
                           ) -> Tensor:
     "What patched outputs are compared with: the clean log-probabilities (`kl_div`) or logits (`mse`)."
     check_option("faithfulness_target", faithfulness_target, FAITHFULNESS_TARGETS)
+    clean_logits = _at_least_float32(clean_logits)
     return clean_logits.log_softmax(-1) if faithfulness_target == "kl_div" else clean_logits
 
 def prompt_faithfulness(logits: Tensor, # [m·b, ..., vocab] logits of m mask groups, each over the same b prompts
                         reference: Tensor, # [b, ..., vocab] from `faithfulness_reference`
                         faithfulness_target: str = "kl_div", # one of `FAITHFULNESS_TARGETS`
                        ) -> Tensor:
-    "Each group's loss on each prompt, `[m, b]`: KL(clean ‖ patched) summed over the vocabulary, or the squared error averaged over it; averaged over positions."
+    "Each group's loss on each prompt, `[m, b]` (float32 or wider): KL(clean ‖ patched) summed over the vocabulary, or the squared error averaged over it; averaged over positions."
     check_option("faithfulness_target", faithfulness_target, FAITHFULNESS_TARGETS)
-    grouped = logits.view(-1, *reference.shape)
+    grouped = _at_least_float32(logits).view(-1, *reference.shape)
     if faithfulness_target == "kl_div":
         per = kl_div(grouped.log_softmax(-1), reference.expand_as(grouped), reduction="none", log_target=True).sum(-1)
     else: per = (grouped - reference).pow(2).mean(-1)

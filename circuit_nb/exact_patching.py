@@ -77,6 +77,10 @@ def _chunks(n: int, most: int) -> List[range]:
     bounds = [round(i * n / k) for i in range(k + 1)]
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    "`x` in float32 or wider: losses of half-precision logits would lose the small differences being measured."
+    return x.to(t.promote_types(x.dtype, t.float32))
+
 def _check_no_kv_cache(dataloader: PromptDataLoader, name: str = "dataloader"):
     "Mask groups repeat the prompts, which a KV-cached prefix of one batch size cannot follow: refuse such loaders."
     if getattr(dataloader, "kv_cache", None) is not None:
@@ -112,12 +116,12 @@ def exact_prune_scores(model: PatchableModel, # the wrapped model (see `patchabl
     with t.no_grad(), reusing_buffers(model):
         for batch in progress(dataloader, desc="exact patching"):
             b = batch.clean.shape[0]
-            clean = check_finite(prompt_losses(out_slice_logits(model, batch.clean), batch, answer_function),
+            clean = check_finite(prompt_losses(_at_least_float32(out_slice_logits(model, batch.clean)), batch, answer_function),
                                  "the loss of the clean run")
             for chunk in _chunks(len(edges), edges_per_pass or groups_per_pass(model, batch.clean)):
                 masks = edge_group_masks(model, [[edges[i]] for i in chunk])
                 out = run_mask_groups(model, batch.clean, ablations[batch.key], masks)
-                losses = prompt_losses(out, tiled_batch(batch, len(chunk)), answer_function).view(len(chunk), b)
+                losses = prompt_losses(_at_least_float32(out), tiled_batch(batch, len(chunk)), answer_function).view(len(chunk), b)
                 check_finite(losses, f"the loss with edge {edges[chunk[0]]!r} (or another of its pass) patched")
                 totals[chunk.start:chunk.stop] += (losses - clean).sum(1).double().cpu()
             n_prompts += b
