@@ -151,7 +151,7 @@ def acdc_circuits(model: PatchableModel, # the wrapped model (see `patchable_mod
     started = time.perf_counter()
     batches = list(dataloader)
     ablations = batch_src_ablations(model, dataloader, AblationType.RESAMPLE, "corrupt")
-    with t.no_grad(): clean_logits = {b.key: out_slice_logits(model, b.clean) for b in batches}
+    with t.no_grad(): clean_logits = {b.key: check_finite(out_slice_logits(model, b.clean), "the clean model's logits") for b in batches}
     refs = {k: faithfulness_reference(v, faithfulness_target) for k, v in clean_logits.items()}
     n_prompts = sum(len(b.clean) for b in batches)
     per_pass = min(groups_per_pass(model, b.clean) for b in batches)  # branches sharing one pass

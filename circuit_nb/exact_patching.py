@@ -130,7 +130,7 @@ def exact_prune_scores(model: PatchableModel, # the wrapped model (see `patchabl
     for e, s in zip(edges, means): scores[e.dest.module_name][e.patch_idx] = s
     return scores
 
-# %% ../nbs/10_exact_patching.ipynb #cc60b1ce
+# %% ../nbs/10_exact_patching.ipynb #efd74d15
 def _flat_scores(prune_scores: PruneScores) -> Tensor:
     "All scores in one float64 vector, destination modules in sorted order."
     return t.cat([prune_scores[k].detach().flatten().double().cpu() for k in sorted(prune_scores)])
