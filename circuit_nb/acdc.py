@@ -179,7 +179,7 @@ def acdc_circuits(model: PatchableModel, # the wrapped model (see `patchable_mod
         for i in branch.taus: circuits[taus[i]], losses[taus[i]] = kept, branch.loss
     return ACDCResult(taus, circuits, losses, scores, model.n_edges, evaluations, time.perf_counter() - started)
 
-# %% ../nbs/11_acdc.ipynb #f77dcc10
+# %% ../nbs/11_acdc.ipynb #2eaf3779
 def acdc_prune_scores(model: PatchableModel, # the wrapped model (see `patchable_model`)
                       dataloader: PromptDataLoader, # the clean/corrupt prompt pairs; every batch is used (auto-circuit: the first)
                       official_edges: Optional[Set[Edge]], # the true circuit, if known; not used (API compatibility)

@@ -62,7 +62,7 @@ def run_mask_groups(model: PatchableModel, # the wrapped model
         for name, mask in model.patch_masks.items(): mask.copy_(masks[name])
         return out_slice_logits(model, tokens.repeat(m, 1))
 
-# %% ../nbs/10_exact_patching.ipynb #8a40204a
+# %% ../nbs/10_exact_patching.ipynb #b3c45cf6
 PASS_ELEMENTS = 2 ** 18  # activation values (prompts · positions · d_model) of one pass: beyond, a larger pass saves little
 
 def groups_per_pass(model: PatchableModel, # the wrapped model
@@ -87,7 +87,7 @@ def _check_no_kv_cache(dataloader: PromptDataLoader, name: str = "dataloader"):
         raise ValueError(f"{name} has a KV-cached prefix; patching several mask groups per pass repeats the prompts, "
                          "which the cache (made for one batch size) cannot serve: make the loader without kv_cache")
 
-# %% ../nbs/10_exact_patching.ipynb #b3c45cf6
+# %% ../nbs/10_exact_patching.ipynb #0bb718e0
 def exact_prune_scores(model: PatchableModel, # the wrapped model (see `patchable_model`)
                        dataloader: PromptDataLoader, # the clean/corrupt prompt pairs; every batch is used
                        official_edges: Optional[Set[Edge]], # the true circuit, if known; not used (API compatibility)
@@ -111,26 +111,29 @@ def exact_prune_scores(model: PatchableModel, # the wrapped model (see `patchabl
     if edges_per_pass is not None: edges_per_pass = check_int("edges_per_pass", edges_per_pass, lo=1)
     ablations = batch_src_ablations(model, dataloader, ablation_type, clean_corrupt)
     edges = list(model.edges)
-    totals = t.zeros(len(edges), dtype=t.float64)
-    n_prompts = 0
+    batches = list(dataloader)
+    passes = [(batch, chunk) for batch in batches  # the plan, for a progress bar that moves on large graphs too
+              for chunk in _chunks(len(edges), edges_per_pass or groups_per_pass(model, batch.clean))]
+    totals, clean = t.zeros(len(edges), dtype=t.float64), {}
     with t.no_grad(), reusing_buffers(model):
-        for batch in progress(dataloader, desc="exact patching"):
-            b = batch.clean.shape[0]
-            clean = check_finite(prompt_losses(_at_least_float32(out_slice_logits(model, batch.clean)), batch, answer_function),
-                                 "the loss of the clean run")
-            for chunk in _chunks(len(edges), edges_per_pass or groups_per_pass(model, batch.clean)):
-                masks = edge_group_masks(model, [[edges[i]] for i in chunk])
-                out = run_mask_groups(model, batch.clean, ablations[batch.key], masks)
-                losses = prompt_losses(_at_least_float32(out), tiled_batch(batch, len(chunk)), answer_function).view(len(chunk), b)
-                check_finite(losses, f"the loss with edge {edges[chunk[0]]!r} (or another of its pass) patched")
-                totals[chunk.start:chunk.stop] += (losses - clean).sum(1).double().cpu()
-            n_prompts += b
+        for batch, chunk in progress(passes, desc="exact patching: passes"):
+            if batch.key not in clean:
+                clean[batch.key] = check_finite(prompt_losses(_at_least_float32(out_slice_logits(model, batch.clean)), batch,
+                                                              answer_function), "the loss of the clean run")
+            out = run_mask_groups(model, batch.clean, ablations[batch.key], edge_group_masks(model, [[edges[i]] for i in chunk]))
+            losses = prompt_losses(_at_least_float32(out), tiled_batch(batch, len(chunk)), answer_function).view(len(chunk), -1)
+            finite = t.isfinite(losses).all(1)
+            if not bool(finite.all()):  # name the first edge whose patching gave a non-finite loss
+                g = int((~finite).nonzero()[0])
+                check_finite(losses[g], f"the loss with edge {edges[chunk[g]]!r} patched")
+            totals[chunk.start:chunk.stop] += (losses - clean[batch.key]).sum(1).double().cpu()
+    n_prompts = sum(len(b.clean) for b in batches)
     scores = model.new_prune_scores()
     means = (totals / n_prompts).tolist()
     for e, s in zip(edges, means): scores[e.dest.module_name][e.patch_idx] = s
     return scores
 
-# %% ../nbs/10_exact_patching.ipynb #efd74d15
+# %% ../nbs/10_exact_patching.ipynb #1982452e
 def _flat_scores(prune_scores: PruneScores) -> Tensor:
     "All scores in one float64 vector, destination modules in sorted order."
     return t.cat([prune_scores[k].detach().flatten().double().cpu() for k in sorted(prune_scores)])
