@@ -160,13 +160,19 @@ def spearman_correlation(a: PruneScores, # scores of every edge, e.g. exact ones
     rx, ry = rx - rx.mean(), ry - ry.mean()
     return float((rx * ry).sum() / (rx.norm() * ry.norm()))
 
+def _top_k_chance(scores: Tensor, k: int) -> Tensor:
+    "For each edge, the chance that it is among the k of largest |score| when ties are broken at random."
+    mag = scores.abs()
+    kth = mag.sort(descending=True).values[k - 1]
+    above, tied = mag > kth, mag == kth
+    return above.double() + tied.double() * (k - int(above.sum())) / int(tied.sum())
+
 def top_k_overlap(reference: PruneScores, # the scores that define the true top k, e.g. exact ones
                   other: PruneScores, # scores of the same edges by another method
                   k: int, # how many edges
                  ) -> float:
-    "The fraction of the k edges of largest |reference score| that are also among the k of largest |other score| (stable order on ties)."
+    "The expected fraction of the k edges of largest |reference score| that are among the k of largest |other score|, ties broken at random."
     _same_layout(reference, other)
-    x = _flat_scores(reference)
+    x, y = _flat_scores(reference), _flat_scores(other)
     k = check_int("k", k, lo=1, hi=len(x))
-    top = lambda s: set(t.argsort(s.abs(), descending=True, stable=True)[:k].tolist())
-    return len(top(x) & top(_flat_scores(other))) / k
+    return float((_top_k_chance(x, k) * _top_k_chance(y, k)).sum() / k)
