@@ -155,14 +155,17 @@ def acdc_circuits(model: PatchableModel, # the wrapped model (see `patchable_mod
     refs = {k: faithfulness_reference(v, faithfulness_target) for k, v in clean_logits.items()}
     n_prompts = sum(len(b.clean) for b in batches)
     per_pass = min(groups_per_pass(model, b.clean) for b in batches)  # branches sharing one pass
+    shared_prefix = min(b.batch_diverge_idx for b in batches)  # edges at earlier positions change nothing
     blank = {w.module_name: t.zeros(w.mask_shape, dtype=w.patch_mask.dtype, device=w.patch_mask.device) for w in model.dest_wrappers}
     branches, evaluations = [_Branch(list(range(len(taus))), blank, 0.0)], 0
     scores = model.new_prune_scores(10 * taus[-1])
     with reusing_buffers(model):
         for dest_edges in progress(_acdc_order(model), desc="ACDC: destinations"):
             for edge in dest_edges:
-                losses = _candidate_losses(model, batches, ablations, refs, branches, edge, faithfulness_target, per_pass, n_prompts)
-                evaluations += len(branches)
+                if edge.seq_idx is not None and edge.seq_idx < shared_prefix: losses = [b.loss for b in branches]  # a rise of 0
+                else:
+                    losses = _candidate_losses(model, batches, ablations, refs, branches, edge, faithfulness_target, per_pass, n_prompts)
+                    evaluations += len(branches)
                 if test_mode:
                     for branch, loss in zip(branches, losses):
                         masks = {k: v.clone() for k, v in branch.masks.items()}

@@ -81,6 +81,12 @@ def _at_least_float32(x: Tensor) -> Tensor:
     "`x` in float32 or wider: losses of half-precision logits would lose the small differences being measured."
     return x.to(t.promote_types(x.dtype, t.float32))
 
+def _changed_edges(edges: List[Edge], # the graph's edges
+                   diverge_idx: int, # the first position where some clean prompt differs from its corrupt one
+                  ) -> List[int]:
+    "Indices of the edges whose patching with corrupt values can change anything: all but those at positions before `diverge_idx`."
+    return [i for i, e in enumerate(edges) if e.seq_idx is None or e.seq_idx >= diverge_idx]
+
 def _check_no_kv_cache(dataloader: PromptDataLoader, name: str = "dataloader"):
     "Mask groups repeat the prompts, which a KV-cached prefix of one batch size cannot follow: refuse such loaders."
     if getattr(dataloader, "kv_cache", None) is not None:
@@ -112,8 +118,11 @@ def exact_prune_scores(model: PatchableModel, # the wrapped model (see `patchabl
     ablations = batch_src_ablations(model, dataloader, ablation_type, clean_corrupt)
     edges = list(model.edges)
     batches = list(dataloader)
-    passes = [(batch, chunk) for batch in batches  # the plan, for a progress bar that moves on large graphs too
-              for chunk in _chunks(len(edges), edges_per_pass or groups_per_pass(model, batch.clean))]
+    resample = ablation_type == AblationType.RESAMPLE and clean_corrupt == "corrupt"
+    passes = []  # the plan, for a progress bar that moves on large graphs too
+    for batch in batches:
+        todo = _changed_edges(edges, batch.batch_diverge_idx if resample else 0)
+        passes += [(batch, todo[c.start:c.stop]) for c in _chunks(len(todo), edges_per_pass or groups_per_pass(model, batch.clean))]
     totals, clean = t.zeros(len(edges), dtype=t.float64), {}
     with t.no_grad(), reusing_buffers(model):
         for batch, chunk in progress(passes, desc="exact patching: passes"):
@@ -126,7 +135,7 @@ def exact_prune_scores(model: PatchableModel, # the wrapped model (see `patchabl
             if not bool(finite.all()):  # name the first edge whose patching gave a non-finite loss
                 g = int((~finite).nonzero()[0])
                 check_finite(losses[g], f"the loss with edge {edges[chunk[g]]!r} patched")
-            totals[chunk.start:chunk.stop] += (losses - clean[batch.key]).sum(1).double().cpu()
+            totals.index_add_(0, t.tensor(chunk), (losses - clean[batch.key]).sum(1).double().cpu())
     n_prompts = sum(len(b.clean) for b in batches)
     scores = model.new_prune_scores()
     means = (totals / n_prompts).tolist()
