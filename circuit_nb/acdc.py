@@ -145,6 +145,7 @@ def acdc_circuits(model: PatchableModel, # the wrapped model (see `patchable_mod
     check_loader(model, dataloader)
     _check_no_kv_cache(dataloader)
     check_option("faithfulness_target", faithfulness_target, FAITHFULNESS_TARGETS)
+    if not isinstance(test_mode, bool): raise TypeError(f"test_mode must be True or False, not {test_mode!r}")
     if isinstance(taus, (str, bytes)) or not hasattr(taus, "__iter__"): raise TypeError(f"taus must be a list of numbers, not {taus!r}")
     taus = sorted({check_number("each τ (threshold)", tau, lo=0.0, lo_open=True) for tau in taus})
     if not taus: raise ValueError("taus is empty: ACDC needs at least one threshold")
@@ -200,6 +201,7 @@ def acdc_prune_scores(model: PatchableModel, # the wrapped model (see `patchable
     (`model.new_prune_scores()`); larger = more important. For each τ's exact circuit, see `acdc_circuits`.
     Raises the errors of `acdc_circuits`, and a `TypeError` for a `run_circuits_ref` or `draw_seq_graph_ref`
     that is not callable."""
+    if not isinstance(show_graphs, bool): raise TypeError(f"show_graphs must be True or False, not {show_graphs!r}")
     for name, ref in (("run_circuits_ref", run_circuits_ref), ("draw_seq_graph_ref", draw_seq_graph_ref)):
         if ref is not None and not callable(ref): raise TypeError(f"{name} must be a function or None, not {type(ref).__name__}")
     for name, values in (("tao_exps", tao_exps), ("tao_bases", tao_bases)):
