@@ -145,6 +145,10 @@ def check_loader(model, # the wrapped model (a `PatchableModel`) the prompts are
         raise ValueError(f"{name} shuffles its prompts, but this function passes over it several times and needs the "
                          "same batches each time (shuffle=False)")
     dataset = dataloader.prompt_dataset
+    if hasattr(dataset, "check_padding"): dataset.check_padding(model, f"{name}'s prompts")  # padded prompts: the model must mask the pads
+    if getattr(dataset, "padded", False) and getattr(dataloader, "kv_cache", None) is not None:
+        raise ValueError(f"{name}'s prompts are padded, and a prefix cache would be attended right after their pad tokens: "
+                         "use a loader without kv_cache")
     prefix = dataloader.diverge_idx if getattr(dataloader, "kv_cache", None) is not None else 0
     for what in ("clean_prompts", "corrupt_prompts"):
         prompts = getattr(dataset, what)

@@ -13,6 +13,7 @@ from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
 import torch as t
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
+from fastcore.basics import patch
 
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
@@ -83,6 +84,19 @@ def _fingerprint(*parts: Union[Tensor, List[Tensor]]) -> bytes:
             h.update(str(tuple(x.shape)).encode()); h.update(x.detach().cpu().numpy().tobytes())
     return h.digest()
 
+# %% ../nbs/02_data.ipynb #3bc83426
+def _left_padded(prompts: List[Tensor], # 1-D token ids: the clean prompts, then the corrupt ones
+                 pad_token_id: Optional[int], # the id to pad with (None: every prompt has one length already)
+                 n_clean: int, # how many of `prompts` are clean
+                ) -> Tuple[Tuple[Tensor, Optional[Tensor]], Tuple[Tensor, Optional[Tensor]]]:
+    "`(tokens [n, seq], attention mask or None)` of the clean and of the corrupt prompts, padded on the left to one length."
+    longest = max(len(p) for p in prompts)
+    if all(len(p) == longest for p in prompts): return (t.stack(prompts[:n_clean]), None), (t.stack(prompts[n_clean:]), None)
+    tokens = t.full((len(prompts), longest), pad_token_id, dtype=t.long)
+    mask = t.zeros(len(prompts), longest, dtype=t.long)
+    for i, p in enumerate(prompts): tokens[i, longest - len(p):], mask[i, longest - len(p):] = p, 1
+    return (tokens[:n_clean], mask[:n_clean]), (tokens[n_clean:], mask[n_clean:])
+
 # %% ../nbs/02_data.ipynb #96bd2131
 @dataclass(frozen=True, eq=False)
 class PromptPair:
@@ -102,6 +116,7 @@ class PromptDataset(Dataset):
                  wrong_answers, # per prompt, the ids of the wrong next tokens to tell apart from the right ones
                  d_vocab: Optional[int] = None, # the model's vocabulary size, to reject ids outside it
                  prompt_names: Optional[Sequence[str]] = None, # what error messages call each prompt (default "prompt i")
+                 pad_token_id: Optional[int] = None, # pad prompts of different lengths on the left with this id (None: refuse them)
                 ):
         n = _n_items(clean_prompts, "clean_prompts")
         if n == 0: raise ValueError("PromptDataset got no prompts: it needs at least one clean/corrupt pair")
@@ -114,15 +129,19 @@ class PromptDataset(Dataset):
         clean = [_token_ids(p, f"{name(i)} (clean)") for i, p in enumerate(clean_prompts)]
         corrupt = [_token_ids(p, f"{name(i)} (corrupt)") for i, p in enumerate(corrupt_prompts)]
         for i, (c, k) in enumerate(zip(clean, corrupt)):
-            if len(c) == 0: raise ValueError(f"{name(i)} (clean) is empty")
-            if len(c) != len(k):
+            if len(c) == 0 or len(k) == 0: raise ValueError(f"{name(i)} ({'clean' if len(c) == 0 else 'corrupt'}) is empty")
+            if len(c) != len(k) and pad_token_id is None:
                 raise ValueError(f"{name(i)}: clean has {len(c)} tokens but corrupt has {len(k)}; the two prompts of "
-                                 "a pair must have the same length, so that each position is patched from the same position")
+                                 "a pair must have the same length, so that each position is patched from the same position "
+                                 "(or give pad_token_id to pad them)")
         other = next((i for i, c in enumerate(clean) if len(c) != len(clean[0])), None)
-        if other is not None:
+        if other is not None and pad_token_id is None:
             raise ValueError(f"prompts have different lengths ({name(0)} has {len(clean[0])} tokens, {name(other)} has "
-                             f"{len(clean[other])}); batches stack prompts, so pad them to one length or make one dataset per length")
-        self.clean_prompts, self.corrupt_prompts = t.stack(clean), t.stack(corrupt)
+                             f"{len(clean[other])}); batches stack prompts, so give pad_token_id to pad them (load_datasets_from_json "
+                             "does, with pad=True and a model that has a tokenizer), or make one dataset per length")
+        self.pad_token_id = None if pad_token_id is None else check_int("pad_token_id", pad_token_id, lo=0)
+        (self.clean_prompts, self.clean_attention_mask), (self.corrupt_prompts, self.corrupt_attention_mask) = \
+            _left_padded(clean + corrupt, self.pad_token_id, len(clean))
         self.answers = _answer_sets(answers, "answers", name)
         self.wrong_answers = _answer_sets(wrong_answers, "wrong answers", name)
         self.d_vocab = d_vocab
@@ -131,6 +150,11 @@ class PromptDataset(Dataset):
                               ("answers", self.answers), ("wrong answers", self.wrong_answers)):
                 _check_vocab(ids, d_vocab, what, name)
         self.fingerprint = _fingerprint(self.clean_prompts, self.corrupt_prompts, self.answers, self.wrong_answers)
+
+    @property
+    def padded(self) -> bool:
+        "Whether some prompts were padded (then `clean_attention_mask` / `corrupt_attention_mask` mark the real tokens)."
+        return self.clean_attention_mask is not None
 
     def __len__(self) -> int: return len(self.clean_prompts)
 
@@ -148,8 +172,36 @@ class PromptDataset(Dataset):
         "Move the prompts and answers to `device` (in place); return the dataset."
         move = lambda x: [a.to(device) for a in x] if isinstance(x, list) else x.to(device)
         self.clean_prompts, self.corrupt_prompts = move(self.clean_prompts), move(self.corrupt_prompts)
+        if self.padded: self.clean_attention_mask, self.corrupt_attention_mask = move(self.clean_attention_mask), move(self.corrupt_attention_mask)
         self.answers, self.wrong_answers = move(self.answers), move(self.wrong_answers)
         return self
+
+# %% ../nbs/02_data.ipynb #c99565b2
+@patch
+def check_padding(self: PromptDataset,
+                  model, # the model (a `PatchableModel` or a `HookedTransformer`) that will run the prompts
+                  name: str = "dataloader", # what to call the prompts in messages
+                 ):
+    "Raise a `ValueError` unless `model` will mask exactly this dataset's pad tokens (nothing to check without padding)."
+    if not self.padded: return
+    if getattr(model, "seq_len", None) is not None:
+        raise ValueError(f"{name} have different lengths (padded), but the model's graph has an edge per position "
+                         f"(seq_len={model.seq_len}), which needs prompts of one length: make one dataset per length")
+    if getattr(model, "kv_caches", None):
+        raise ValueError(f"{name} are padded, but the model was wrapped with a shared-prefix KV cache, which every prompt would "
+                         "attend to right after its pad tokens: wrap it without kv_caches")
+    tok = getattr(model, "tokenizer", None)
+    if tok is None or tok.padding_side != "left" or tok.pad_token_id != self.pad_token_id:
+        raise ValueError(f"{name} are padded on the left with token id {self.pad_token_id}, but the model "
+                         + ("has no tokenizer" if tok is None else f"pads on the {tok.padding_side} with id {tok.pad_token_id}")
+                         + ", so it would attend to the pad tokens: give it a tokenizer with that pad token and padding_side='left'")
+    from transformer_lens.utils import get_attention_mask
+    for side in ("clean", "corrupt"):
+        tokens, mask = getattr(self, f"{side}_prompts"), getattr(self, f"{side}_attention_mask")
+        seen = get_attention_mask(tok, tokens, model.cfg.default_prepend_bos).to(mask.device)
+        wrong = (seen != mask).any(1).nonzero()
+        if len(wrong): raise ValueError(f"{name}: prompt {int(wrong[0])} ({side}) would be masked wrongly by the model (a real token "
+                                        "that equals the pad token where padding ends): use a pad token that never starts a prompt")
 
 # %% ../nbs/02_data.ipynb #428dfcd2
 BatchKey = int  # identifies a batch: the same prompts in the same order give the same key, in every run
@@ -232,6 +284,9 @@ class PromptDataLoader(DataLoader):
             check_int("batch_size", torch_dataloader_kwargs["batch_size"], lo=1)
         if seq_len is not None and check_int("seq_len", seq_len, lo=1) != base.seq_len:
             raise ValueError(f"seq_len={seq_len} but the prompts have {base.seq_len} tokens")
+        if seq_len is not None and base.padded:
+            raise ValueError("seq_len is for graphs with an edge per position, which need prompts of one length, but these "
+                             "have different lengths (padded): pass seq_len=None")
         check_int("diverge_idx", diverge_idx, lo=0)
         _check_prefix_cache(kv_cache, diverge_idx)
         if seq_labels is not None and (isinstance(seq_labels, str) or len(seq_labels) != base.seq_len):
@@ -312,14 +367,16 @@ def _read_prompts_json(paths: List[Path]) -> Tuple[dict, List[str]]:
 
 def _tokenized_dataset(model, prompts: List[dict], # the chosen prompts, as read from the files
                        names: List[str], # each one's name for messages
-                       prepend_bos: bool) -> PromptDataset:
+                       prepend_bos: bool,
+                       pad: bool) -> PromptDataset:
     "The prompts as a `PromptDataset` (on the CPU), every error naming the file and the prompt's index in it."
     tok = lambda p, side, name: _tokenize(model, p[side], f"{name} ({side})", prepend_bos)
     return PromptDataset([tok(p, "clean", n) for p, n in zip(prompts, names)],
                          [tok(p, "corrupt", n) for p, n in zip(prompts, names)],
                          [_tokenize_answers(model, p["answers"], f"{n} (answers)") for p, n in zip(prompts, names)],
                          [_tokenize_answers(model, p["wrong_answers"], f"{n} (wrong answers)") for p, n in zip(prompts, names)],
-                         d_vocab=getattr(getattr(model, "cfg", None), "d_vocab", None), prompt_names=names)
+                         d_vocab=getattr(getattr(model, "cfg", None), "d_vocab", None), prompt_names=names,
+                         pad_token_id=getattr(getattr(model, "tokenizer", None), "pad_token_id", None) if pad else None)
 
 def _labels(data: dict, source: Path, seq_len: int, bos_added: bool) -> Tuple[Optional[List[str]], Dict[str, int]]:
     "The file's `seq_labels` and `word_idxs`, checked against the prompts and moved one position right when a BOS was added."
@@ -344,7 +401,7 @@ def load_datasets_from_json(model, # None for token-id prompts; else a model wit
                             tail_divergence: bool = False, # cut the prefix every prompt shares into a key/value cache (needs `model`)
                             shuffle: bool = True, # shuffle the prompts once, before splitting
                             random_seed: int = 42, # seed of that shuffle
-                            pad: bool = True, # auto-circuit's padding flag; for now the prompts must have one length either way
+                            pad: bool = True, # pad prompts of different lengths on the left with the tokenizer's pad token
                            ) -> Tuple[PromptDataLoader, PromptDataLoader]:
     "A train and a test `PromptDataLoader` from prompts in the JSON format above; errors name the file and the prompt's index in it."
     for flag, value in (("prepend_bos", prepend_bos), ("return_seq_length", return_seq_length),
@@ -361,10 +418,17 @@ def load_datasets_from_json(model, # None for token-id prompts; else a model wit
     if shuffle: random.Random(random_seed).shuffle(order)
     n_train, n_test = _split_sizes(train_test_size, len(prompts), ", ".join(map(str, paths)))
     chosen = order[:n_train + n_test]
-    dataset = _tokenized_dataset(model, [prompts[i] for i in chosen], [names[i] for i in chosen], prepend_bos)
+    dataset = _tokenized_dataset(model, [prompts[i] for i in chosen], [names[i] for i in chosen], prepend_bos, pad)
+    if dataset.padded:
+        if return_seq_length: raise ValueError("return_seq_length=True is for graphs with an edge per position, which need prompts of "
+                                               "one length, but these have different lengths (padded): use return_seq_length=False")
+        model.tokenizer.padding_side = "left"  # as auto-circuit does: TransformerLens then masks the pad tokens in every pass
+        dataset.check_padding(model, "the prompts")
     bos_added = prepend_bos and any(isinstance(prompts[i]["clean"], str) for i in chosen)
     seq_labels, word_idxs = _labels(data, paths[0], dataset.seq_len, bos_added)
     prefix_len = _shared_prefix_len(dataset.clean_prompts, dataset.corrupt_prompts) if tail_divergence else 0
+    if dataset.padded:  # a cached prefix is attended without a mask: it must hold no pad token of any prompt
+        prefix_len = min(prefix_len, int(t.cat([dataset.clean_attention_mask, dataset.corrupt_attention_mask]).argmax(1).min()))
     kv_cache = prefix_kv_cache(model, dataset.clean_prompts[0, :prefix_len]) if prefix_len else None
     if prefix_len: dataset, seq_labels, word_idxs = _cut_prefix(dataset, prefix_len, seq_labels, word_idxs)
     dataset.to(device)
@@ -509,15 +573,31 @@ def _check_ablation_type(ablation_type) -> AblationType:
         raise TypeError(f"ablation_type must be an AblationType ({', '.join(a.name for a in AblationType)}), not {ablation_type!r}")
     return ablation_type
 
+def _real_tokens(model: PatchableModel, tokens: Tensor) -> Tensor:
+    "`[batch, seq]` 1 where `tokens` holds a real token, 0 at the pad tokens the model masks (left padding); all 1 without padding."
+    tok = getattr(model, "tokenizer", None)
+    if tok is None or tok.padding_side != "left" or tok.pad_token_id is None or not bool((tokens == tok.pad_token_id).any()):
+        return t.ones_like(tokens)
+    from transformer_lens.utils import get_attention_mask
+    return get_attention_mask(tok, tokens, model.cfg.default_prepend_bos).to(tokens.device)
+
+def _masked_sums(outs: Tensor, # [n_srcs, batch, seq, d_model] source outputs
+                 real: Tensor, # [batch, seq] 1 at real tokens
+                 dims=(1,)) -> Tuple[Tensor, Tensor]:
+    "Σ of `outs` over real tokens along `dims` (float64, dims kept) and how many real tokens each sum has."
+    weights = real.to(t.float64)[None, :, :, None]
+    return (outs * weights).sum(dims, keepdim=True, dtype=t.float64), weights.sum(dims, keepdim=True)
+
 def _dataset_mean(model: PatchableModel, dataloader: PromptDataLoader, ablation_type: AblationType) -> Tensor:
-    "Per-position mean source outputs over the dataloader's prompts (checked by `check_loader`), `[n_srcs, 1, seq, d_model]`."
-    total, count = None, 0
+    "Per-position mean source outputs over the dataloader's prompts (checked by `check_loader`), `[n_srcs, 1, seq, d_model]`; pad tokens are not counted."
+    total = count = None
     for batch in dataloader:
         for side in _MEAN_PROMPTS[ablation_type]:
-            outs = source_outputs(model, getattr(batch, side))
-            part = outs.sum(1, keepdim=True, dtype=t.float64)  # float64: means over big datasets stay exact
-            total, count = part if total is None else total + part, count + outs.shape[1]
-    return (total / count).to(outs.dtype)
+            tokens = getattr(batch, side)
+            outs = source_outputs(model, tokens)
+            part, n = _masked_sums(outs, _real_tokens(model, tokens))  # float64: means over big datasets stay exact
+            total, count = (part, n) if total is None else (total + part, count + n)
+    return (total / count.clamp_min(1)).to(outs.dtype)
 
 # %% ../nbs/02_data.ipynb #b4ff4dfb
 def src_ablations(model: PatchableModel, # the wrapped model (see `patchable_model`)
@@ -538,8 +618,10 @@ def src_ablations(model: PatchableModel, # the wrapped model (see `patchable_mod
         return t.zeros(model.n_srcs, *tokens.shape, model.cfg.d_model, device=tokens.device, dtype=model.cfg.dtype)
     outs = source_outputs(model, tokens)
     if ablation_type == AblationType.RESAMPLE: return outs
-    if ablation_type == AblationType.BATCH_TOKENWISE_MEAN: return outs.mean(1, keepdim=True).expand_as(outs)
-    if ablation_type == AblationType.BATCH_ALL_TOK_MEAN: return outs.mean((1, 2), keepdim=True).expand_as(outs)
+    dims = (1,) if ablation_type == AblationType.BATCH_TOKENWISE_MEAN else (1, 2) if ablation_type == AblationType.BATCH_ALL_TOK_MEAN else None
+    if dims is not None:  # means over the batch's real tokens (padded prompts' pad tokens are not counted)
+        total, n = _masked_sums(outs, _real_tokens(model, tokens), dims)
+        return (total / n.clamp_min(1)).to(outs.dtype).expand_as(outs)
     raise NotImplementedError(f"no ablation values for {ablation_type}")
 
 # %% ../nbs/02_data.ipynb #c791050a
