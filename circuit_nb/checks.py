@@ -76,24 +76,26 @@ def check_finite(x: Tensor, # the tensor to check
     return x
 
 # %% ../nbs/00c_checks.ipynb #68c37b72
-def check_prune_scores(model, # the wrapped model (a `PatchableModel`) the scores are for
+def check_prune_scores(model, # the wrapped model (a `PatchableModel`) the scores are for; None: check the tensors only
                        prune_scores: PruneScores, # destination module name -> scores shaped like its mask
                        name: str = "prune_scores", # the argument's name, for the message
+                       finite: bool = True, # also refuse NaN and infinite scores (which cannot be ranked)
                       ) -> PruneScores:
-    "`prune_scores` if it has one finite real tensor shaped like each of `model`'s masks; a clear error otherwise."
+    "`prune_scores` if it has one real (finite) tensor shaped like each of `model`'s masks; a clear error naming `name` otherwise."
     if not isinstance(prune_scores, dict):
         raise TypeError(f"{name} must be a dict of destination module name -> tensor, not {type(prune_scores).__name__}")
-    layout = model.new_prune_scores()
-    missing, extra = sorted(set(layout) - set(prune_scores)), sorted(set(prune_scores) - set(layout))
-    if missing: raise ValueError(f"{name} has no scores for the destination modules {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
-    if extra: raise ValueError(f"{name} has scores for {extra[:5]}, which are not destination modules of the model's graph")
-    for module, blank in layout.items():
-        s = prune_scores[module]
+    if not prune_scores: raise ValueError(f"{name} is empty: it has no scores to rank")
+    layout = None if model is None else model.new_prune_scores()
+    if layout is not None:
+        missing, extra = sorted(set(layout) - set(prune_scores)), sorted(set(prune_scores) - set(layout))
+        if missing: raise ValueError(f"{name} has no scores for the destination modules {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+        if extra: raise ValueError(f"{name} has scores for {extra[:5]}, which are not destination modules of the model's graph")
+    for module, s in prune_scores.items():
         if not isinstance(s, Tensor): raise TypeError(f"{name}[{module!r}] must be a tensor, not {type(s).__name__}")
         if s.is_complex() or s.dtype == t.bool: raise TypeError(f"{name}[{module!r}] must hold real numbers, not {s.dtype}")
-        if tuple(s.shape) != tuple(blank.shape):
-            raise ValueError(f"{name}[{module!r}] is shaped {tuple(s.shape)}, but the model's mask there is {tuple(blank.shape)}")
-        if s.is_floating_point() and not bool(t.isfinite(s).all()):
+        if layout is not None and tuple(s.shape) != tuple(layout[module].shape):
+            raise ValueError(f"{name}[{module!r}] is shaped {tuple(s.shape)}, but the model's mask there is {tuple(layout[module].shape)}")
+        if finite and s.is_floating_point() and not bool(t.isfinite(s).all()):
             raise ValueError(f"{name}[{module!r}] holds {int((~t.isfinite(s)).sum())} non-finite scores (NaN or inf), "
                              "which cannot be ranked; the method that produced them met a non-finite value")
     return prune_scores

@@ -9,7 +9,7 @@ from typing import Union
 import torch as t
 from torch import Tensor
 
-from .checks import check_finite, check_int
+from .checks import check_finite, check_int, check_prune_scores
 from .data import PromptPairBatch, _check_answers
 from .graph import hard_concrete
 from .types import PruneScores
@@ -18,35 +18,18 @@ from .types import PruneScores
 __all__ = ['flat_prune_scores', 'desc_prune_scores', 'prune_scores_threshold', 'sample_hard_concrete', 'indices_vals',
            'vocab_avg_val', 'correct_answer_greater_than_incorrect_proportion']
 
-# %% ../nbs/00d_tensor_ops.ipynb #cf6d31e3
-def _score_tensors(prune_scores: PruneScores, # destination module name -> scores
-                   name: str = "prune_scores", # the argument's name, for the message
-                   finite: bool = True, # also refuse NaN and infinite scores
-                  ) -> PruneScores:
-    "`prune_scores` if it is a dict of real tensors (finite ones, with `finite`); a clear error naming `name` otherwise."
-    if not isinstance(prune_scores, dict):
-        raise TypeError(f"{name} must be a dict of destination module name -> tensor, not {type(prune_scores).__name__}")
-    if not prune_scores: raise ValueError(f"{name} is empty: it has no scores to rank")
-    for module, s in prune_scores.items():
-        if not isinstance(s, Tensor): raise TypeError(f"{name}[{module!r}] must be a tensor, not {type(s).__name__}")
-        if s.is_complex() or s.dtype == t.bool: raise TypeError(f"{name}[{module!r}] must hold real numbers, not {s.dtype}")
-        if finite and s.is_floating_point() and not bool(t.isfinite(s).all()):
-            raise ValueError(f"{name}[{module!r}] holds {int((~t.isfinite(s)).sum())} non-finite scores (NaN or inf), "
-                             "which cannot be ranked; the method that produced them met a non-finite value")
-    return prune_scores
-
 # %% ../nbs/00d_tensor_ops.ipynb #0a21268e
 def flat_prune_scores(prune_scores: PruneScores, # destination module name -> scores shaped like its mask
                      ) -> Tensor:
     "Every edge's score in one 1-D tensor `[n_edges]`, module by module in the dict's order, each flattened row-major; signs kept."
-    _score_tensors(prune_scores, finite=False)
+    check_prune_scores(None, prune_scores, finite=False)
     return t.cat([s.flatten() for s in prune_scores.values()])
 
 # %% ../nbs/00d_tensor_ops.ipynb #1b0402e3
 def desc_prune_scores(prune_scores: PruneScores, # destination module name -> scores shaped like its mask
                      ) -> Tensor:
     "Every edge's |score|, largest first: `[n_edges]`. A `ValueError` if a score is NaN or infinite."
-    _score_tensors(prune_scores)
+    check_prune_scores(None, prune_scores)
     return flat_prune_scores(prune_scores).abs().sort(descending=True).values
 
 # %% ../nbs/00d_tensor_ops.ipynb #dc8ba85c
