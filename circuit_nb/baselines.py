@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .checks import check_int, check_patchable
 from .draw import ImageFigure
-from .graph import PatchableModel
+from .graph import PatchableModel, resolve_edges
 from .tensor_ops import desc_prune_scores, flat_prune_scores, prune_scores_threshold
 from .types import Edge, PruneScores
 
@@ -37,19 +37,6 @@ def random_prune_scores(model: PatchableModel, # the wrapped model
     return {name: t.rand_like(blank) for name, blank in model.new_prune_scores().items()}
 
 # %% ../nbs/07a_baselines.ipynb #7c7fa8d4
-def _official_edges(model: PatchableModel, official_edges: Iterable[Union[str, Edge]]) -> List[Edge]:
-    "The graph's edges that `official_edges` name (names mark every position); a clear error for anything else."
-    if isinstance(official_edges, (str, Edge)): raise TypeError("official_edges must be a collection of edges, not a single edge")
-    positions = [None] if model.seq_len is None else range(model.seq_len)
-    found = []
-    for edge in official_edges:
-        if isinstance(edge, str): found += [model.find_edge(edge, i) for i in positions]
-        elif isinstance(edge, Edge):
-            if edge not in model.edges: raise ValueError(f"official_edges holds {edge!r}, which is not an edge of the model's graph")
-            found.append(edge)
-        else: raise TypeError(f"official_edges must hold Edge objects or edge names, not {type(edge).__name__}")
-    return found
-
 def ground_truth_prune_scores(model: PatchableModel, # the wrapped model
                               dataloader, # not used (the signature every method has)
                               official_edges: Optional[Iterable[Union[str, Edge]]], # the known circuit: `Edge`s or edge names
@@ -58,7 +45,7 @@ def ground_truth_prune_scores(model: PatchableModel, # the wrapped model
     check_patchable(model)
     if official_edges is None: raise ValueError("official_edges must be provided for ground truth pruning: the circuit's edges")
     scores = model.new_prune_scores()
-    for e in _official_edges(model, official_edges): scores[e.dest.module_name][e.patch_idx] = 1.0
+    for e in resolve_edges(model, official_edges, "official_edges"): scores[e.dest.module_name][e.patch_idx] = 1.0
     return scores
 
 # %% ../nbs/07a_baselines.ipynb #931a0816

@@ -24,9 +24,9 @@ from .types import *
 # %% auto #0
 __all__ = ['HARD_CONCRETE_STRETCH', 'HARD_CONCRETE_TEMPERATURE', 'OUT_SLICES', 'EdgeSet', 'graph_edges', 'MaskedSum',
            'UnchangedInput', 'hard_concrete', 'PatchState', 'PatchWrapper', 'MixedInput', 'make_model_patchable',
-           'PatchableModel', 'patchable_model', 'patch_mode', 'reusing_buffers', 'source_outputs', 'set_all_masks',
-           'set_masks', 'MaskParameters', 'train_mask_mode', 'mask_fn_mode', 'set_mask_batch_size', 'out_slice_logits',
-           'edge_counts_from', 'edge_counts_util', 'draw_graph']
+           'PatchableModel', 'patchable_model', 'resolve_edges', 'patch_mode', 'reusing_buffers', 'source_outputs',
+           'set_all_masks', 'set_masks', 'MaskParameters', 'train_mask_mode', 'mask_fn_mode', 'set_mask_batch_size',
+           'out_slice_logits', 'edge_counts_from', 'edge_counts_util', 'draw_graph']
 
 # %% ../nbs/01_graph.ipynb #e8ebc2b1
 def _check_bool(value, name: str, allow_none: bool = False):
@@ -859,7 +859,7 @@ def patchable_model(model: HookedTransformer, # the model to wrap (in place; `.u
     return wrapped
 
 # %% ../nbs/01_graph.ipynb #58c0e520
-def _resolve_edges(model: PatchableModel, edges, name: str = "edges") -> List[Edge]:
+def resolve_edges(model: PatchableModel, edges, name: str = "edges") -> List[Edge]:
     "The model's edges that `edges` names: `Edge`s of its graph, or names (a name: that edge at every position)."
     if isinstance(edges, (str, Edge)) or not isinstance(edges, abc.Iterable):
         raise TypeError(f"{name} must be a collection of Edges or edge names, not a single {type(edges).__name__} "
@@ -908,7 +908,7 @@ def patch_mode(model: PatchableModel, # the wrapped model
     check_patchable(model)
     _check_src_outs(model, patch_src_outs, "patch_src_outs")
     if curr_src_outs is not None: _check_src_outs(model, curr_src_outs, "curr_src_outs")
-    edges = None if edges is None else _edge_indices(_resolve_edges(model, edges))
+    edges = None if edges is None else _edge_indices(resolve_edges(model, edges))
     state = model.patch_state
     saved_state = state.patch_src_outs, state.capture
     with _restoring_masks(model) as masks:
@@ -982,12 +982,12 @@ def circuit_prune_scores(self: PatchableModel,
     if (edges is None) == (edge_dict is None): raise ValueError("give the circuit as edges or as edge_dict, one of them")
     scores = self.new_prune_scores()
     if edges is not None:
-        for name, idx in _edge_indices(_resolve_edges(self, edges)).items(): scores[name][idx] = 1.0
+        for name, idx in _edge_indices(resolve_edges(self, edges)).items(): scores[name][idx] = 1.0
     else:
         if not isinstance(edge_dict, Mapping): raise TypeError(f"edge_dict must be a dict of edge (or name) -> score, not {type(edge_dict).__name__}")
         for key, value in edge_dict.items():
             value = _check_real(value, f"edge_dict[{key!r}]")
-            for e in _resolve_edges(self, [key], "edge_dict"): scores[e.dest.module_name][e.patch_idx] = value
+            for e in resolve_edges(self, [key], "edge_dict"): scores[e.dest.module_name][e.patch_idx] = value
     return {n: s.bool() for n, s in scores.items()} if bool else scores
 
 @patch

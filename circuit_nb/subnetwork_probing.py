@@ -16,7 +16,7 @@ from torch.nn.functional import log_softmax
 from .checks import check_finite, check_int, check_loader, check_number, check_patchable
 from .data import (BatchKey, PromptDataLoader, PromptPairBatch, answer_means, batch_answer_diff_percents,
                              batch_avg_answer_val, correct_answer_proportion, multibatch_kl_div, src_ablations)
-from .graph import (HARD_CONCRETE_STRETCH, HARD_CONCRETE_TEMPERATURE, PatchableModel, draw_graph,
+from .graph import (HARD_CONCRETE_STRETCH, HARD_CONCRETE_TEMPERATURE, PatchableModel, draw_graph, resolve_edges,
                               mask_fn_mode, out_slice_logits, patch_mode, set_all_masks, train_mask_mode)
 from .progress_bars import progress
 from .types import AblationType, Edge, MaskFn, PruneScores, check_option
@@ -114,21 +114,6 @@ class _References:
                 ) -> Tuple[Tensor, Tensor]:
         "The clean logits `[batch, ..., vocab]` and the patch values `[n_srcs, batch, seq, d_model]` of `batch`."
         return self._lookup(0, batch, 0), self._lookup(1, batch, 1)
-
-# %% ../nbs/05_subnetwork_probing.ipynb #ca5f624e
-def _resolve_avoid_edges(model: PatchableModel, avoid_edges: Optional[Iterable[Union[Edge, str]]]) -> List[Edge]:
-    "The edges of `model` named or given in `avoid_edges`."
-    if avoid_edges is None: return []
-    if isinstance(avoid_edges, (str, Edge)): raise TypeError("avoid_edges must be a collection of edges or edge names, not one")
-    positions = [None] if model.seq_len is None else range(model.seq_len)
-    edges = []
-    for e in avoid_edges:
-        if isinstance(e, str): edges += [model.find_edge(e, i) for i in positions]
-        elif isinstance(e, Edge):
-            if e not in model.edges: raise KeyError(f"avoid_edges holds {e!r}, which is not an edge of the model")
-            edges.append(e)
-        else: raise TypeError(f"avoid_edges must hold Edges or edge names, not {type(e).__name__}")
-    return edges
 
 # %% ../nbs/05_subnetwork_probing.ipynb #7e4772c1
 @contextmanager
@@ -242,7 +227,7 @@ def train_subnetwork_probe(model: PatchableModel, # the wrapped model (see `patc
     learned masks are not finite."""
     _check_sp_args(model, dataloader, learning_rate, epochs, regularize_lambda, mask_fn, dropout_p, init_val, circuit_size,
                    tree_optimisation, avoid_lambda, faithfulness_target, validation_dataloader)
-    avoid = _resolve_avoid_edges(model, avoid_edges)
+    avoid = [] if avoid_edges is None else resolve_edges(model, avoid_edges, "avoid_edges")
     train_refs = _References(model, dataloader, tree_optimisation)
     val_refs = None if validation_dataloader is None else _References(model, validation_dataloader, tree_optimisation)
     history = {k: [] for k in ("loss", "faithfulness", "regularisation", "avoid_penalty", "expected_circuit_size", "validation_faithfulness")}
