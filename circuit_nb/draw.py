@@ -21,6 +21,9 @@ __all__ = ['ImageFigure', 'draw_seq_graph']
 # %% ../nbs/08b_draw.ipynb #cbd18f56
 class ImageFigure(Figure):
     "A matplotlib `Figure` with plotly's `write_image` and `show`, as auto-circuit's figures are used."
+    def __init__(self, *args, **kwargs): # what matplotlib's `Figure` takes, e.g. `figsize=(6, 4)`
+        super().__init__(*args, **kwargs)
+
     def write_image(self, file, # where to write; its suffix picks the format (png, svg, pdf, ...) unless `format` is given
                     format: Optional[str] = None, # the file format, e.g. "png"
                     scale: Optional[float] = None, # resolution multiplier (plotly's meaning): dpi = 100 · scale

@@ -108,7 +108,7 @@ def edge_attribution_patching_prune_scores(model: PatchableModel, # the wrapped 
                                            answer_diff: bool = True, # loss = −answer difference (True) or −answer value
                                           ) -> PruneScores:
     """Edge attribution patching (Syed et al. 2023): for every edge, Σ over batches and positions of ∂loss/∂(dest input)
-    on the clean run · (corrupt − clean source output), each prompt weighing the same (see `_PromptWeights` in
+    on the clean run · (corrupt − clean source output), each prompt weighing the same (see the prompt weights of
     `03_mask_gradients`). One tensor per destination module, shaped like its mask `[seq?, head?, source]`, on the
     masks' device. A `TypeError`/`ValueError` names a bad argument; a `FloatingPointError` the batch whose loss or
     scores are not finite."""

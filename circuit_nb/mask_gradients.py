@@ -151,7 +151,7 @@ def mask_gradient_prune_scores(model: PatchableModel, # the wrapped model
     """Score each edge by the gradient of the loss with respect to its mask (attribution patching, Syed et al. 2023, at
     `mask_val=0`; integrated gradients, Sundararajan et al. 2017, with `integrated_grad_samples`): one tensor per
     destination module, shaped like its mask `[seq?, head?, source]`, summed over batches (each prompt weighing the same,
-    see `_PromptWeights`) and mask values. A `TypeError`/`ValueError` names a bad argument; a `FloatingPointError`
+    see the prompt weights above) and mask values. A `TypeError`/`ValueError` names a bad argument; a `FloatingPointError`
     names the batch whose loss or gradients are not finite."""
     check_patchable(model)
     check_loader(model, dataloader)
