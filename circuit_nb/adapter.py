@@ -135,7 +135,7 @@ def run(self: TransformerLensAdapter, tokens, *args, kv_cache=None,
     self.check_unchanged()
     if not logits: kwargs["stop_at_layer"] = self.n_layers
     if kv_cache is not None:
-        if self._frozen_cfg is not None and getattr(self.cfg, _UNGROUP) and self.cfg.n_key_value_heads is not None:
+        if getattr(self.cfg, _UNGROUP) and self.cfg.n_key_value_heads not in (None, self.cfg.n_heads):
             raise NotImplementedError("KV caches with grouped-query attention: TransformerLens' cache holds the keys of n_key_value_heads="
                                       f"{self.cfg.n_key_value_heads} heads, but patching computes keys per query head "
                                       f"({_UNGROUP}=True), which TransformerLens cannot run after a cache; pass the whole prompts instead")
