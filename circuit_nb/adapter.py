@@ -299,7 +299,8 @@ def take_over(self: TransformerLensAdapter,
     switched_off = {f for f, on in flags.items() if not on and getattr(self.cfg, f)}
     names = list(module_names) + [n for b in projected_blocks for n in (self.block_in(b), *(self.projected_head_in(b, l) for l in "QKV"))]
     names += [n for n in self.model.hook_dict if any(n.endswith(h) and f in switched_off for h, f in _FLAG_OF_HOOK.items())]
-    if flags.get(_UNGROUP) and not getattr(self.cfg, _UNGROUP):  # these hooks would see n_heads keys/values, not n_key_value_heads
+    if flags.get(_UNGROUP) and not getattr(self.cfg, _UNGROUP) and self.cfg.n_key_value_heads != self.n_heads:
+        # these hooks would see n_heads keys/values, not n_key_value_heads
         names += [n for n in self.model.hook_dict if n.endswith(_UNGROUP_RESHAPES)]
     busy = [n for n in dict.fromkeys(names) if _has_hooks(self.hook_point(n))]
     # PyTorch hooks on modules (ln1, attn, a block, the model) act where patching cannot see them, or where it hooks itself
