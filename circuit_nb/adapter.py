@@ -135,14 +135,20 @@ def run(self: TransformerLensAdapter, tokens, *args, kv_cache=None,
     self.check_unchanged()
     if not logits: kwargs["stop_at_layer"] = self.n_layers
     if kv_cache is not None:
-        if getattr(self.cfg, _UNGROUP) and self.cfg.n_key_value_heads not in (None, self.cfg.n_heads):
-            raise NotImplementedError("KV caches with grouped-query attention: TransformerLens' cache holds the keys of n_key_value_heads="
-                                      f"{self.cfg.n_key_value_heads} heads, but patching computes keys per query head "
-                                      f"({_UNGROUP}=True), which TransformerLens cannot run after a cache; pass the whole prompts instead")
+        self.check_kv_cache(kv_cache)
         kwargs["past_kv_cache"] = kv_cache
         # with a cache TransformerLens wants an attention mask, and without a tokenizer cannot guess it
         kwargs.setdefault("attention_mask", t.ones_like(tokens))
     return self.model(tokens, *args, **kwargs)
+
+@patch
+def check_kv_cache(self: TransformerLensAdapter, kv_cache):
+    "Raise `NotImplementedError` if patching cannot run the model after the prefix in `kv_cache` (grouped-query attention)."
+    n_kv = self.cfg.n_key_value_heads
+    if n_kv not in (None, self.cfg.n_heads):
+        raise NotImplementedError(f"kv_cache with grouped-query attention: TransformerLens' cache holds the keys of n_key_value_heads={n_kv} "
+                                  f"heads, but patching computes keys per query head ({_UNGROUP}=True), which TransformerLens cannot run "
+                                  "after a cache; pass the whole prompts instead")
 
 @patch
 def logits(self: TransformerLensAdapter, resid: t.Tensor) -> t.Tensor:
