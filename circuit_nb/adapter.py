@@ -39,13 +39,19 @@ class TransformerLensAdapter:
     parallel_attn_mlp = property(lambda self: bool(self.cfg.parallel_attn_mlp))
 
 # %% ../nbs/00a_model_adapter.ipynb #febb9cd3
+_QK_NORM_OVER_HEADS = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")  # q/k norms over all heads' vectors
+
 def unsupported_features(cfg: HookedTransformerConfig, # the model's configuration
                         ) -> List[str]:
     "Why the edges of `cfg`'s model cannot be patched exactly: one sentence per configuration field, naming it (empty when they can)."
     refused, arch = [], cfg.original_architecture
     n_kv = cfg.n_key_value_heads
-    if n_kv is not None and n_kv != cfg.n_heads:
-        refused.append(f"grouped-query attention (n_key_value_heads={n_kv} != n_heads={cfg.n_heads}) is not supported yet")
+    if n_kv is not None and not (isinstance(n_kv, int) and 0 < n_kv <= cfg.n_heads and cfg.n_heads % n_kv == 0):
+        refused.append(f"n_key_value_heads={n_kv!r} does not divide n_heads={cfg.n_heads} into groups of query heads, "
+                       "so TransformerLens' GroupedQueryAttention cannot run it")
+    elif n_kv is not None and n_kv != cfg.n_heads and arch in _QK_NORM_OVER_HEADS:
+        refused.append(f"original_architecture={arch!r} with grouped-query attention (n_key_value_heads={n_kv} < n_heads={cfg.n_heads}) "
+                       "normalises the keys of all key/value heads together, so no query head's key can be computed from its own input")
     after_sum = "normalises each attention layer's output after its heads are summed, so a head adds no output of its own to the residual stream"
     if cfg.use_normalization_before_and_after and cfg.normalization_type is not None:
         refused.append(f"use_normalization_before_and_after=True (normalization_type={cfg.normalization_type!r}) {after_sum}")
@@ -89,12 +95,16 @@ _FLAG_OF_HOOK = {"attn.hook_result": "use_attn_result", "hook_q_input": "use_spl
                  "hook_k_input": "use_split_qkv_input", "hook_v_input": "use_split_qkv_input",
                  "hook_attn_in": "use_attn_in", "hook_mlp_in": "use_hook_mlp_in"}
 _FLAGS = ("use_attn_result", "use_split_qkv_input", "use_attn_in", "use_hook_mlp_in")
+_UNGROUP = "ungroup_grouped_query_attention"  # keys and values per query head, from W_K, W_V repeated over each group
+_UNGROUP_RESHAPES = ("attn.hook_k", "attn.hook_v", "attn.hook_rot_k", "hook_k_input", "hook_v_input")  # n_key_value_heads -> n_heads
 
 @patch
 def flags_for(self: TransformerLensAdapter, module_names) -> Dict[str, bool]:
-    "Each exposure flag's value that makes the hook points `module_names` carry the graph's activations: those they need on, the rest off."
+    "Each flag's value that makes the hook points `module_names` carry the graph's activations: those they need on, the rest off; grouped-query attention ungrouped."
     needed = {flag for name in module_names for hook, flag in _FLAG_OF_HOOK.items() if name.endswith(hook)}
-    return {flag: flag in needed for flag in _FLAGS}
+    flags = {flag: flag in needed for flag in _FLAGS}
+    if self.cfg.n_key_value_heads is not None: flags[_UNGROUP] = True  # each query head's K and V destinations: see 01b
+    return flags
 
 @patch
 def set_flags(self: TransformerLensAdapter, flags: Dict[str, bool]) -> Dict[str, bool]:
@@ -125,10 +135,20 @@ def run(self: TransformerLensAdapter, tokens, *args, kv_cache=None,
     self.check_unchanged()
     if not logits: kwargs["stop_at_layer"] = self.n_layers
     if kv_cache is not None:
+        self.check_kv_cache(kv_cache)
         kwargs["past_kv_cache"] = kv_cache
         # with a cache TransformerLens wants an attention mask, and without a tokenizer cannot guess it
         kwargs.setdefault("attention_mask", t.ones_like(tokens))
     return self.model(tokens, *args, **kwargs)
+
+@patch
+def check_kv_cache(self: TransformerLensAdapter, kv_cache):
+    "Raise `NotImplementedError` if patching cannot run the model after the prefix in `kv_cache` (grouped-query attention)."
+    n_kv = self.cfg.n_key_value_heads
+    if n_kv not in (None, self.cfg.n_heads):
+        raise NotImplementedError(f"kv_cache with grouped-query attention: TransformerLens' cache holds the keys of n_key_value_heads={n_kv} "
+                                  f"heads, but patching computes keys per query head ({_UNGROUP}=True), which TransformerLens cannot run "
+                                  "after a cache; pass the whole prompts instead")
 
 @patch
 def logits(self: TransformerLensAdapter, resid: t.Tensor) -> t.Tensor:
@@ -183,6 +203,15 @@ def _project(inputs: t.Tensor, W: t.Tensor) -> t.Tensor:
 
 _ALGEBRAIC_NORMS = {"LayerNorm": True, "LayerNormPre": True, "RMSNorm": False, "RMSNormPre": False}  # -> centred?
 
+def _head_weights(attn: nn.Module, letter: str, heads: Optional[t.Tensor] = None) -> Tuple[t.Tensor, t.Tensor]:
+    "`W [head, d_model, d_head]`, `b [head, d_head]` of projection `letter` for each query head (of `heads`): under grouped-query attention its key/value head's."
+    repeats = getattr(attn, "repeat_kv_heads", None)  # GroupedQueryAttention stores K and V once per key/value head
+    if letter == "Q" or repeats is None:
+        W, b = getattr(attn, f"W_{letter}"), getattr(attn, f"b_{letter}")
+        return (W, b) if heads is None else (W[heads], b[heads])
+    kv = (t.arange(attn.cfg.n_heads, device=attn._W_K.device) if heads is None else heads) // repeats  # no repeated copy
+    return getattr(attn, f"_W_{letter}")[kv], getattr(attn, f"_b_{letter}")[kv]
+
 @patch
 def project_head_inputs(self: TransformerLensAdapter, block, letter: str,
                         inputs: t.Tensor, # [..., head, batch, seq, d_model]: each head's input, before `ln1`
@@ -190,8 +219,7 @@ def project_head_inputs(self: TransformerLensAdapter, block, letter: str,
                        ) -> t.Tensor:
     "The `letter` projection (Q, K or V) of `ln1` of per-head inputs: `[..., head, batch, seq, d_head]`."
     attn, norm = self.model.blocks[block].attn, self.model.blocks[block].ln1
-    W, b = getattr(attn, f"W_{letter}"), getattr(attn, f"b_{letter}")
-    if heads is not None: W, b = W[heads], b[heads]
+    W, b = _head_weights(attn, letter, heads)
     centred = _ALGEBRAIC_NORMS.get(type(norm).__name__)
     if centred is None: return _project(norm.forward(inputs), W) + b[:, None, None]  # identity, or a norm without a formula
     if hasattr(norm, "b"): b = b + norm.b @ W
@@ -250,13 +278,14 @@ def head_input_vjp(self: TransformerLensAdapter, block, letter: str,
                    grad: t.Tensor, # [batch, seq, head, d_head]: the gradient of the `letter` projection
                   ) -> t.Tensor:
     "The gradient with respect to each head's own input `[head, batch, seq, d_model]`, where all of them equal `resid`."
-    u = t.einsum("bshd,hmd->hbsm", grad, getattr(self.model.blocks[block].attn, f"W_{letter}"))
+    u = t.einsum("bshd,hmd->hbsm", grad, _head_weights(self.model.blocks[block].attn, letter)[0])
     return _norm_vjp(self.model.blocks[block].ln1, resid, u)
 
 # %% ../nbs/00a_model_adapter.ipynb #ed8fb06a
 _NOT_COMPUTATION = {"device", "dtype", "seed", "init_mode", "init_weights", "initializer_range", "model_name", "tokenizer_name",
                     "tokenizer_prepends_bos", "default_prepend_bos", "n_params", "from_checkpoint", "checkpoint_index",
-                    "checkpoint_label_type", "checkpoint_value", "trust_remote_code", *_FLAGS}
+                    "checkpoint_label_type", "checkpoint_value", "trust_remote_code", *_FLAGS,
+                    _UNGROUP}  # only GroupedQueryAttention reads it, where patching needs it on (checked as a flag)
 
 _COMPUTATION = tuple(f.name for f in dataclasses.fields(HookedTransformerConfig) if f.name not in _NOT_COMPUTATION)
 _computation = operator.attrgetter(*_COMPUTATION)  # cfg -> the values of the fields that change what the forward pass computes
@@ -276,6 +305,9 @@ def take_over(self: TransformerLensAdapter,
     switched_off = {f for f, on in flags.items() if not on and getattr(self.cfg, f)}
     names = list(module_names) + [n for b in projected_blocks for n in (self.block_in(b), *(self.projected_head_in(b, l) for l in "QKV"))]
     names += [n for n in self.model.hook_dict if any(n.endswith(h) and f in switched_off for h, f in _FLAG_OF_HOOK.items())]
+    if flags.get(_UNGROUP) and not getattr(self.cfg, _UNGROUP) and self.cfg.n_key_value_heads != self.n_heads:
+        # these hooks would see n_heads keys/values, not n_key_value_heads
+        names += [n for n in self.model.hook_dict if n.endswith(_UNGROUP_RESHAPES)]
     busy = [n for n in dict.fromkeys(names) if _has_hooks(self.hook_point(n))]
     # PyTorch hooks on modules (ln1, attn, a block, the model) act where patching cannot see them, or where it hooks itself
     busy += [n or "the model itself" for n, m in self.model.named_modules() if not isinstance(m, HookPoint) and _has_hooks(m)]
