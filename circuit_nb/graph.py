@@ -851,6 +851,7 @@ def patchable_model(model: HookedTransformer, # the model to wrap (in place; `.u
     if factorized and separate_qkv is None: separate_qkv = True
     nodes, srcs, dests, edge_dict, edges, seq_dim, seq_len = graph_edges(model, factorized, separate_qkv, seq_len)
     caches = _shared_prefix(kv_caches, model.cfg)
+    if caches is not None: adapter.check_kv_cache(next(iter(caches.caches.values())))  # refused at wrap time, not at the first pass
     device = _check_device(device)
     patching = make_model_patchable(model, factorized, srcs, nodes, device, seq_len, seq_dim)
     wrapped = PatchableModel(nodes, srcs, dests, edge_dict, edges, seq_dim, seq_len, patching, OUT_SLICES[slice_output],
