@@ -85,7 +85,7 @@ def check_prune_scores(model, # the wrapped model (a `PatchableModel`) the score
     if not isinstance(prune_scores, dict):
         raise TypeError(f"{name} must be a dict of destination module name -> tensor, not {type(prune_scores).__name__}")
     if not prune_scores: raise ValueError(f"{name} is empty: it has no scores to rank")
-    layout = None if model is None else model.new_prune_scores()
+    layout = None if model is None else check_patchable(model).new_prune_scores()
     if layout is not None:
         missing, extra = sorted(set(layout) - set(prune_scores)), sorted(set(prune_scores) - set(layout))
         if missing: raise ValueError(f"{name} has no scores for the destination modules {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
@@ -102,10 +102,30 @@ def check_prune_scores(model, # the wrapped model (a `PatchableModel`) the score
 
 # %% ../nbs/00c_checks.ipynb #85d415fa
 def _is_shuffled(dataloader) -> bool:
-    "Whether `dataloader` draws its prompts in a random order."
+    "Whether `dataloader` may batch its prompts differently on its next pass (a random sampler, or two passes that differ)."
     sampler = getattr(dataloader, "sampler", None)
     inner = getattr(getattr(dataloader, "batch_sampler", None), "sampler", None)
-    return isinstance(sampler, RandomSampler) or isinstance(inner, RandomSampler)
+    if isinstance(sampler, RandomSampler) or isinstance(inner, RandomSampler): return True
+    batches = getattr(dataloader, "batch_sampler", None)  # any other sampler (SubsetRandomSampler, a user's): compare two passes
+    if batches is None: return False
+    return [list(b) for b in batches] != [list(b) for b in batches]
+
+def _check_prefix(model, dataloader, name: str):
+    "Raise a `ValueError` unless the loader's cut-off prefix (its `kv_cache`) is the one the model was wrapped with (or neither has one)."
+    theirs, ours = getattr(dataloader, "kv_cache", None), getattr(model, "kv_caches", None)
+    if theirs is None and not ours: return
+    if theirs is None:
+        raise ValueError(f"the model was wrapped with a shared-prefix KV cache (kv_caches), but {name} has none: its prompts "
+                         "would run after a prefix they do not have; wrap the model without kv_caches")
+    if not ours:
+        raise ValueError(f"{name}'s prompts were cut after a shared prefix of {dataloader.diverge_idx} tokens (its kv_cache), but the "
+                         f"model was wrapped without it: wrap it with patchable_model(..., kv_caches=({name}.kv_cache,))")
+    ours = next(iter(ours.values()))
+    same = len(ours.entries) == len(theirs.entries) and all(
+        a.past_keys.shape[1:] == b.past_keys.shape[1:] and bool(t.allclose(a.past_keys[:1], b.past_keys[:1].to(a.past_keys))) and
+        bool(t.allclose(a.past_values[:1], b.past_values[:1].to(a.past_values))) for a, b in zip(ours.entries, theirs.entries))
+    if not same: raise ValueError(f"{name}'s kv_cache holds another prefix than the kv_caches the model was wrapped with: "
+                                  f"wrap the model with patchable_model(..., kv_caches=({name}.kv_cache,))")
 
 def check_tokens(model, # the wrapped model (a `PatchableModel`)
                  tokens, # `[batch, seq]` token ids
@@ -143,6 +163,10 @@ def check_loader(model, # the wrapped model (a `PatchableModel`) the prompts are
     if not isinstance(dataloader, DataLoader) or not hasattr(dataloader, "prompt_dataset"):
         raise TypeError(f"{name} must be a PromptDataLoader, not {type(dataloader).__name__}")
     if len(dataloader) == 0: raise ValueError(f"{name} yields no batches (is drop_last=True with fewer prompts than batch_size?)")
+    if getattr(model, "is_patching", False):
+        raise RuntimeError("this runs the model itself, but it is inside a patch_mode or mask_fn_mode block, whose masks and "
+                           "ablation values would change every number: call it outside the block")
+    _check_prefix(model, dataloader, name)
     if same_batches and _is_shuffled(dataloader):
         raise ValueError(f"{name} shuffles its prompts, but this function passes over it several times and needs the "
                          "same batches each time (shuffle=False)")

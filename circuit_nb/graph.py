@@ -685,6 +685,9 @@ class PatchableModel(nn.Module):
     dest_wrappers = property(lambda self: [w for w in self.wrappers if w.is_dest])
     patch_state = property(lambda self: self._patching.state)
     is_wrapped = property(lambda self: self._patching is not None, doc="False once `.unwrap()` was called.")
+    is_patching = property(lambda self: self._patching is not None and (self.patch_state.patch_src_outs is not None or self.patch_state.mask_fn is not None
+                                                                       or self.patch_state.dropout_p > 0),
+                           doc="True inside a `patch_mode` block, or a `mask_fn_mode` block with a mask function or dropout.")
 
     @property
     def kv_caches(self) -> Optional[Dict[int, object]]:
