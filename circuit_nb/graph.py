@@ -1113,7 +1113,7 @@ def edge_counts_from(test_counts: Sequence[Union[int, float]], # circuit sizes: 
 def edge_counts_util(edges: Collection[Edge], # the graph's edges (only their number is used)
                      test_counts: Optional[TestEdges] = None, # a rule, or explicit counts (ints) / fractions of all edges (floats)
                      prune_scores: Optional[PruneScores] = None, # scores, for `GROUPS` and its default choice
-                     zero_edges: Optional[bool] = None, # add 0 (True), drop it (False); default: add when there are more than two counts
+                     zero_edges: Optional[bool] = None, # add 0 (True), drop it (False); default (auto-circuit's): add when there are more than two counts, else drop
                      all_edges: Optional[bool] = None, # add all edges (True), drop that count (False); default: as zero_edges
                      true_edge_count: Optional[int] = None, # add the size of a known circuit
                     ) -> List[int]:
@@ -1136,7 +1136,7 @@ def edge_counts_util(edges: Collection[Edge], # the graph's edges (only their nu
     many, counts = len(counts) > 2, set(counts)
     for count, wanted in ((0, zero_edges), (n_edges, all_edges)):
         if wanted if wanted is not None else many: counts.add(count)
-        elif wanted is False: counts.discard(count)
+        else: counts.discard(count)  # two counts or fewer: a binary circuit, tested alone (as auto-circuit)
     if true_edge_count is not None: counts.add(_check_int(true_edge_count, "true_edge_count", 0, n_edges))
     return sorted(counts)
 
