@@ -1093,7 +1093,7 @@ def edge_counts_from(test_counts: Sequence[Union[int, float]], # circuit sizes: 
                      n_edges: int, # the number of edges in the graph
                      name: str = "test_counts", # the parameter's name, for messages
                     ) -> List[int]:
-    "The numbers of edges `test_counts` names, in its order: an int is a count in [0, n_edges], a float a fraction in [0.0, 1.0] of all edges, rounded to the nearest count (so 1 is one edge and 1.0 every edge). A `TypeError`/`ValueError` naming `name` otherwise."
+    "The numbers of edges `test_counts` names, in its order: an int is a count in [0, n_edges], a float a fraction in [0.0, 1.0] of all edges, rounded down as auto-circuit does, `int(n_edges * f)` (so 1 is one edge and 1.0 every edge). A `TypeError`/`ValueError` naming `name` otherwise."
     n_edges = _check_int(n_edges, "n_edges", 0)
     if isinstance(test_counts, (str, bytes)) or not isinstance(test_counts, (list, tuple, range)):
         raise TypeError(f"{name} must be a list of edge counts (ints) or fractions of all edges (floats), not {type(test_counts).__name__}")
@@ -1107,7 +1107,7 @@ def edge_counts_from(test_counts: Sequence[Union[int, float]], # circuit sizes: 
         else:
             if not math.isfinite(c) or not 0.0 <= c <= 1.0:
                 raise ValueError(f"{name} holds the fraction {c!r}, outside [0.0, 1.0] (a float is a fraction of all edges; an int, a count)")
-            counts.append(math.floor(c * n_edges + 0.5))
+            counts.append(int(n_edges * c))  # auto-circuit's rounding (down), for its numbers
     return counts
 
 def edge_counts_util(edges: Collection[Edge], # the graph's edges (only their number is used)
