@@ -1097,7 +1097,7 @@ def edge_counts_from(test_counts: Sequence[Union[int, float]], # circuit sizes: 
                      n_edges: int, # the number of edges in the graph
                      name: str = "test_counts", # the parameter's name, for messages
                     ) -> List[int]:
-    "The numbers of edges `test_counts` names, in its order: an int is a count in [0, n_edges], a float a fraction in [0.0, 1.0] of all edges, rounded to the nearest count (so 1 is one edge and 1.0 every edge). A `TypeError`/`ValueError` naming `name` otherwise."
+    "The numbers of edges `test_counts` names, in its order: an int is a count in [0, n_edges], a float a fraction in [0.0, 1.0] of all edges, rounded down as auto-circuit does, `int(n_edges * f)` (so 1 is one edge and 1.0 every edge). A `TypeError`/`ValueError` naming `name` otherwise."
     n_edges = _check_int(n_edges, "n_edges", 0)
     if isinstance(test_counts, (str, bytes)) or not isinstance(test_counts, (list, tuple, range)):
         raise TypeError(f"{name} must be a list of edge counts (ints) or fractions of all edges (floats), not {type(test_counts).__name__}")
@@ -1111,13 +1111,13 @@ def edge_counts_from(test_counts: Sequence[Union[int, float]], # circuit sizes: 
         else:
             if not math.isfinite(c) or not 0.0 <= c <= 1.0:
                 raise ValueError(f"{name} holds the fraction {c!r}, outside [0.0, 1.0] (a float is a fraction of all edges; an int, a count)")
-            counts.append(math.floor(c * n_edges + 0.5))
+            counts.append(int(n_edges * c))  # auto-circuit's rounding (down), for its numbers
     return counts
 
 def edge_counts_util(edges: Collection[Edge], # the graph's edges (only their number is used)
                      test_counts: Optional[TestEdges] = None, # a rule, or explicit counts (ints) / fractions of all edges (floats)
                      prune_scores: Optional[PruneScores] = None, # scores, for `GROUPS` and its default choice
-                     zero_edges: Optional[bool] = None, # add 0 (True), drop it (False); default: add when there are more than two counts
+                     zero_edges: Optional[bool] = None, # add 0 (True), drop it (False); default (auto-circuit's): add when there are more than two counts, else drop
                      all_edges: Optional[bool] = None, # add all edges (True), drop that count (False); default: as zero_edges
                      true_edge_count: Optional[int] = None, # add the size of a known circuit
                     ) -> List[int]:
@@ -1140,7 +1140,7 @@ def edge_counts_util(edges: Collection[Edge], # the graph's edges (only their nu
     many, counts = len(counts) > 2, set(counts)
     for count, wanted in ((0, zero_edges), (n_edges, all_edges)):
         if wanted if wanted is not None else many: counts.add(count)
-        elif wanted is False: counts.discard(count)
+        else: counts.discard(count)  # two counts or fewer: a binary circuit, tested alone (as auto-circuit)
     if true_edge_count is not None: counts.add(_check_int(true_edge_count, "true_edge_count", 0, n_edges))
     return sorted(counts)
 
