@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, RandomSampler
 from .types import PruneScores, check_option
 
 # %% auto #0
-__all__ = ['check_patchable', 'check_int', 'check_number', 'check_finite', 'check_prune_scores', 'check_tokens', 'check_loader']
+__all__ = ['check_patchable', 'check_int', 'check_number', 'check_finite', 'check_autograd', 'check_prune_scores', 'check_tokens',
+           'check_loader']
 
 # %% ../nbs/00c_checks.ipynb #093ff8a8
 def check_patchable(model, # what the caller passed as the wrapped model
@@ -74,6 +75,14 @@ def check_finite(x: Tensor, # the tensor to check
             raise FloatingPointError(f"{what} is not finite ({n_nan} NaN and {n_bad - n_nan} infinite of {x.numel()} values); "
                                      "look for NaN or inf in the model's weights, its inputs, or a float16 overflow")
     return x
+
+# %% ../nbs/00c_checks.ipynb #9b66d2d5
+def check_autograd(name: str, # the function that needs gradients, for the message
+                  ):
+    "Raise a `RuntimeError` naming `name` if autograd is off (inside `torch.no_grad()` or `torch.inference_mode()`)."
+    if t.is_inference_mode_enabled() or not t.is_grad_enabled():
+        block = "torch.inference_mode()" if t.is_inference_mode_enabled() else "torch.no_grad()"
+        raise RuntimeError(f"{name} takes gradients, but it was called inside {block}, where autograd is off: call it outside that block")
 
 # %% ../nbs/00c_checks.ipynb #68c37b72
 def check_prune_scores(model, # the wrapped model (a `PatchableModel`) the scores are for; None: check the tensors only

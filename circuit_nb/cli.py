@@ -18,6 +18,7 @@ from .mask_gradients import mask_gradient_prune_scores
 from .progress_bars import show_progress
 from .storage import save_circuit, save_prune_scores
 from .types import EdgeCounts
+from .checks import check_int, check_number
 from .zoo import list_tasks, load_task
 
 # %% auto #0
@@ -32,6 +33,7 @@ def discover_circuit(task: str = "induction", # a zoo task, see `list_tasks()`
                     ) -> dict:
     "Score the edges of a zoo task by edge attribution patching, evaluate the top-k circuits, and write the results."
     start = time.perf_counter()
+    check_int("top", top, lo=0); check_number("target_percent", target_percent, lo=0)
     zoo_task = load_task(task, seed=seed)
     model, out = zoo_task.model, Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,5 +114,7 @@ def main(task: str = "induction", # the zoo task: induction, select or pointer
     show_progress(False)  # a job of seconds: the bars would only interleave with its report
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
-        if demo: patching_demo(seed)
-        else: discover_circuit(task, out_dir, top, seed=seed)
+        try:
+            if demo: patching_demo(seed)
+            else: discover_circuit(task, out_dir, top, seed=seed)
+        except (TypeError, ValueError) as e: raise SystemExit(f"circuit_nb: {e}")  # a bad option: its message, not a traceback

@@ -308,7 +308,12 @@ def _tokenize(model, value, what: str, prepend_bos: bool):
     if model is None or not hasattr(model, "to_tokens"):
         raise TypeError(f"{what} is text ({value!r}) but no model with `.to_tokens` was given to tokenize it; "
                         "pass one, or give token ids")
-    return model.to_tokens(value, prepend_bos=prepend_bos)[0].cpu()
+    ids = model.to_tokens(value, prepend_bos=prepend_bos)[0].cpu()
+    tok = getattr(model, "tokenizer", None)
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is not None and unk not in {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id} and bool((ids == unk).any()):
+        raise ValueError(f"{what}: {value!r} holds text the tokenizer does not know (it became its unknown token {tok.unk_token!r})")
+    return ids
 
 def _tokenize_answers(model, value, what: str):
     "A prompt's answers as a list of single token ids."

@@ -12,7 +12,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from .adapter import TransformerLensAdapter
-from .checks import check_finite, check_loader, check_patchable
+from .checks import check_autograd, check_finite, check_loader, check_patchable
 from .data import PromptDataLoader, batch_avg_answer_diff, batch_avg_answer_val
 from .graph import PatchableModel
 from .mask_gradients import _PromptWeights, _all_finite, _check_step_losses, frozen_parameters
@@ -112,6 +112,7 @@ def edge_attribution_patching_prune_scores(model: PatchableModel, # the wrapped 
     `03_mask_gradients`). One tensor per destination module, shaped like its mask `[seq?, head?, source]`, on the
     masks' device. A `TypeError`/`ValueError` names a bad argument; a `FloatingPointError` the batch whose loss or
     scores are not finite."""
+    check_autograd("edge_attribution_patching_prune_scores")
     check_patchable(model)
     check_loader(model, dataloader, same_batches=False)
     if not isinstance(answer_diff, bool): raise TypeError(f"answer_diff must be True or False, not {answer_diff!r}")

@@ -145,6 +145,8 @@ def graph_edges(model: HookedTransformer, # the model whose graph to build
             f"seq_len must be a positive int or None, not {seq_len!r}")
     seq_len = None if seq_len is None else int(seq_len)
     adapter = TransformerLensAdapter(model)
+    if seq_len is not None and model.cfg.positional_embedding_type in ("standard", "shortformer") and seq_len > model.cfg.n_ctx:
+        raise ValueError(f"seq_len={seq_len} is longer than the model's context (n_ctx={model.cfg.n_ctx})")
     if factorized: srcs, dests = _factorized_nodes(adapter, True if separate_qkv is None else separate_qkv)
     elif separate_qkv: raise ValueError("separate_qkv=True needs factorized=True: the unfactorized graph has no head inputs")
     else: srcs, dests = _residual_nodes(adapter)
@@ -708,6 +710,10 @@ class PatchableModel(nn.Module):
         "Destination module name -> its mask."
         return {w.module_name: w.patch_mask for w in self.dest_wrappers}
 
+    def __deepcopy__(self, memo):
+        raise TypeError("a PatchableModel cannot be copied: its hooks would still drive this one's patching; copy the "
+                        "model before wrapping it (copy.deepcopy(model), then patchable_model(copy, ...)), or unwrap first")
+
     def __getattr__(self, name: str):
         "Attributes the wrapper lacks come from the wrapped model (`cfg`, `to_tokens`, `run_with_cache`, ...)."
         try: return super().__getattr__(name)
@@ -742,6 +748,8 @@ def input_to_embed(self: PatchableModel, tokens, *args, **kwargs):
 def find_edge(self: PatchableModel, name: str, seq_idx: Optional[int] = None) -> Edge:
     "The edge called `name` (at position `seq_idx`, for graphs with positions)."
     if not isinstance(name, str): raise TypeError(f"name must be an edge name such as 'A0.0->Resid End', not {type(name).__name__}")
+    if seq_idx is not None and (isinstance(seq_idx, bool) or not isinstance(seq_idx, int)):
+        raise TypeError(f"seq_idx must be an int position or None, not {seq_idx!r}")
     edge = self.edge_name_dict.get(seq_idx, {}).get(name)
     if edge is None:
         hint = f" (the graph has one edge per position: give seq_idx in [0, {self.seq_len}))" if self.seq_len and seq_idx is None else ""
@@ -831,11 +839,15 @@ def _shared_prefix(kv_caches, cfg) -> Optional[_SharedPrefix]:
     return prefix
 
 def _check_device(device) -> t.device:
-    "`device` as a `torch.device`; a `TypeError`/`ValueError` naming it otherwise."
-    try: return t.device(device)
+    "`device` as a `torch.device` that this machine has; a `TypeError`/`ValueError` naming it otherwise."
+    try: device = t.device(device)
     except (RuntimeError, TypeError, ValueError):
         raise (ValueError if isinstance(device, str) else TypeError)(
             f"device must be a torch.device or a device name such as 'cpu', not {device!r}") from None
+    if device.type == "cuda" and (not t.cuda.is_available() or (device.index or 0) >= t.cuda.device_count()):
+        raise ValueError(f"device {str(device)!r} is not available here (" + (f"{t.cuda.device_count()} CUDA devices" if t.cuda.is_available()
+                         else "this torch has no CUDA device") + ")")
+    return device
 
 # %% ../nbs/01_graph.ipynb #dc067f56
 def patchable_model(model: HookedTransformer, # the model to wrap (in place; `.unwrap()` undoes it)
@@ -891,6 +903,7 @@ def _check_src_outs(model: PatchableModel, src_outs: Tensor, name: str):
             or src_outs.shape[-1] != model.cfg.d_model:
         shape = tuple(src_outs.shape) if isinstance(src_outs, Tensor) else type(src_outs).__name__
         raise ValueError(f"{name} must be shaped [n_srcs={model.n_srcs}, batch, seq, d_model={model.cfg.d_model}], not {shape}")
+    if not src_outs.is_floating_point(): raise TypeError(f"{name} must hold real numbers (activations), not {src_outs.dtype}")
 
 @contextmanager
 def _restoring_masks(model: PatchableModel):

@@ -12,7 +12,7 @@ import torch as t
 from fastcore.basics import patch
 from torch import Tensor, nn
 
-from .checks import check_finite, check_int, check_loader, check_number, check_patchable
+from .checks import check_autograd, check_finite, check_int, check_loader, check_number, check_patchable
 from .data import (PromptDataLoader, PromptPairBatch, batch_avg_answer_diff, batch_avg_answer_val,
                              batch_src_ablations)
 from .graph import PatchableModel, draw_graph, out_slice_logits, patch_mode, set_all_masks, train_mask_mode
@@ -153,6 +153,7 @@ def mask_gradient_prune_scores(model: PatchableModel, # the wrapped model
     destination module, shaped like its mask `[seq?, head?, source]`, summed over batches (each prompt weighing the same,
     see the prompt weights above) and mask values. A `TypeError`/`ValueError` names a bad argument; a `FloatingPointError`
     names the batch whose loss or gradients are not finite."""
+    check_autograd("mask_gradient_prune_scores")
     check_patchable(model)
     check_loader(model, dataloader)
     mask_values = _mask_values(mask_val, integrated_grad_samples)

@@ -26,6 +26,7 @@ def progress(iterable: Iterable, # what to loop over
 class show_progress:
     "Switch progress bars on or off: for good when called, or for a `with` block."
     def __init__(self, enabled: bool = True):
-        self.previous, _enabled[0] = _enabled[0], bool(enabled)
+        if not isinstance(enabled, bool): raise TypeError(f"enabled must be True or False, not {enabled!r}")
+        self.previous, _enabled[0] = _enabled[0], enabled
     def __enter__(self): return self
     def __exit__(self, *exc): _enabled[0] = self.previous

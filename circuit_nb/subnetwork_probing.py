@@ -13,7 +13,7 @@ import torch as t
 from torch import Tensor, nn
 from torch.nn.functional import log_softmax
 
-from .checks import check_finite, check_int, check_loader, check_number, check_patchable
+from .checks import check_autograd, check_finite, check_int, check_loader, check_number, check_patchable
 from .data import (BatchKey, PromptDataLoader, PromptPairBatch, answer_means, batch_answer_diff_percents,
                              batch_avg_answer_val, correct_answer_proportion, multibatch_kl_div, src_ablations)
 from .graph import (HARD_CONCRETE_STRETCH, HARD_CONCRETE_TEMPERATURE, PatchableModel, draw_graph, resolve_edges,
@@ -225,6 +225,7 @@ def train_subnetwork_probe(model: PatchableModel, # the wrapped model (see `patc
     as faithful and as small a circuit as possible, with Adam on float32 masks whatever the model's dtype. The model
     is left as it was. A `TypeError`/`ValueError` names a bad argument; a `FloatingPointError` the step whose loss or
     learned masks are not finite."""
+    check_autograd("train_subnetwork_probe")
     _check_sp_args(model, dataloader, learning_rate, epochs, regularize_lambda, mask_fn, dropout_p, init_val, circuit_size,
                    tree_optimisation, avoid_lambda, faithfulness_target, validation_dataloader)
     avoid = [] if avoid_edges is None else resolve_edges(model, avoid_edges, "avoid_edges")

@@ -415,17 +415,17 @@ NAMES = ("mary", "john", "anna", "tom", "lisa", "paul", "kate", "mark")
 PLACES = ("the park", "the old market", "a small town by the river", "the shop", "the big house on the hill")
 OBJECTS = ("a ball", "a red book", "some flowers", "a drink", "an old map of the town")
 WORDS = ("<pad>", "<bos>", "when", "and", "went", "to", ",", "gave") + NAMES + tuple(sorted(
-    {w for phrase in PLACES + OBJECTS for w in phrase.split()}))  # the vocabulary: ids are positions here
+    {w for phrase in PLACES + OBJECTS for w in phrase.split()})) + ("<unk>",)  # the vocabulary: ids are positions here
 
 def words_tokenizer():
-    "A word-level `transformers` tokenizer of `WORDS` (pad id 0, BOS id 1), padding on the left, built offline."
+    "A word-level `transformers` tokenizer of `WORDS` (pad id 0, BOS id 1, unknown words: the last id), padding on the left, built offline."
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     # add_bos_token=True: TransformerLens takes the tokenizer as it is, rather than reloading it from a hub name
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<bos>", pad_token="<pad>",
-                                   unk_token="<pad>", name_or_path="circuit_nb-words", add_bos_token=True,
+                                   unk_token="<unk>", name_or_path="circuit_nb-words", add_bos_token=True,
                                    padding_side="left")
 
 # %% ../nbs/06_zoo.ipynb #06238642
