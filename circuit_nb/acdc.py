@@ -32,6 +32,7 @@ def faithfulness_reference(clean_logits: Tensor, # [b, ..., vocab] the unpatched
                           ) -> Tensor:
     "What patched outputs are compared with: the clean log-probabilities (`kl_div`) or logits (`mse`)."
     check_option("faithfulness_target", faithfulness_target, FAITHFULNESS_TARGETS)
+    if not isinstance(clean_logits, Tensor) or clean_logits.ndim < 2: raise TypeError("clean_logits must be a [batch, ..., vocab] tensor")
     clean_logits = _at_least_float32(clean_logits)
     return clean_logits.log_softmax(-1) if faithfulness_target == "kl_div" else clean_logits
 
@@ -41,6 +42,10 @@ def prompt_faithfulness(logits: Tensor, # [m·b, ..., vocab] logits of m mask gr
                        ) -> Tensor:
     "Each group's loss on each prompt, `[m, b]` (float32 or wider): KL(clean ‖ patched) summed over the vocabulary, or the squared error averaged over it; averaged over positions."
     check_option("faithfulness_target", faithfulness_target, FAITHFULNESS_TARGETS)
+    for name, x in (("logits", logits), ("reference", reference)):
+        if not isinstance(x, Tensor) or x.ndim < 2: raise TypeError(f"{name} must be a [batch, ..., vocab] tensor")
+    if logits.shape[1:] != reference.shape[1:] or logits.shape[0] % reference.shape[0]:
+        raise ValueError(f"logits {tuple(logits.shape)} must be m groups of the reference's {tuple(reference.shape)} rows")
     grouped = _at_least_float32(logits).view(-1, *reference.shape)
     if faithfulness_target == "kl_div":
         per = kl_div(grouped.log_softmax(-1), reference.expand_as(grouped), reduction="none", log_target=True).sum(-1)

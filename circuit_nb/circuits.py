@@ -319,6 +319,8 @@ def plot_faithfulness(curves: Dict[str, List[Tuple[int, float]]], # from `faithf
                       log_x: bool = True): # log-scale the edge counts
     "Plot one faithfulness curve; return the Axes."
     import matplotlib.pyplot as plt
+    if not isinstance(curves, dict): raise TypeError(f"curves must be the dict that faithfulness_curves returns, not {type(curves).__name__}")
+    if not isinstance(log_x, bool): raise TypeError(f"log_x must be True or False, not {log_x!r}")
     check_option("measure", measure, list(curves))
     if ax is None: _, ax = plt.subplots(figsize=(6, 3.5))
     xs, ys = zip(*curves[measure])

@@ -28,6 +28,8 @@ def prompt_losses(logits: Tensor, # [batch, ..., vocab] logits at `model.out_sli
                  ) -> Tensor:
     "Each prompt's loss, `[batch]`: −(answer − wrong-answer logit), −(answer logit), or the MSE of its logits to its answer distribution."
     check_option("answer_function", answer_function, ANSWER_FUNCTIONS)
+    if not isinstance(logits, Tensor) or logits.ndim < 2: raise TypeError("logits must be a [batch, ..., vocab] tensor")
+    if not isinstance(batch, PromptPairBatch): raise TypeError(f"batch must be a PromptPairBatch, not {type(batch).__name__}")
     if answer_function == "avg_diff": return -batch_answer_diffs(logits, batch)
     if answer_function == "avg_val": return -answer_means(logits, batch.answers)
     return (logits - answer_distribution(logits, batch.answers)).pow(2).flatten(1).mean(1)
@@ -110,6 +112,8 @@ def groups_per_pass(model: PatchableModel, # the wrapped model
                     tokens: Tensor, # [b, seq] the prompts each mask group runs
                    ) -> int:
     "How many mask groups to run in one pass over `tokens`: enough for about `PASS_ELEMENTS` residual-stream values, at least 1."
+    check_patchable(model)
+    if not isinstance(tokens, Tensor): raise TypeError(f"tokens must be a [batch, seq] tensor of token ids, not {type(tokens).__name__}")
     return max(1, PASS_ELEMENTS // (tokens.numel() * model.cfg.d_model))
 
 def _chunks(n: int, most: int) -> List[range]:
