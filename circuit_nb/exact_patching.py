@@ -146,9 +146,10 @@ def _check_kv_prefix(model: PatchableModel, dataloader: PromptDataLoader, name: 
     if prefix is None:
         raise ValueError(f"{name}'s prompts follow a KV-cached prefix, but the model was wrapped without it: "
                          "wrap it with patchable_model(..., kv_caches=(cache,)) using the loader's cache")
+    tol = max(1e-4, 16 * t.finfo(model.cfg.dtype).eps)  # caches of one prefix made in two runs agree to float precision
+    same = lambda x, y: x.shape == y.shape and bool(t.allclose(x, y.to(x.device, x.dtype), rtol=tol, atol=tol))
     for k, v, e in zip(prefix.keys, prefix.values, cache.entries):
-        ck, cv = e.past_keys[:1], e.past_values[:1]
-        if k.shape != ck.shape or not (t.equal(k, ck.to(k.device)) and t.equal(v, cv.to(v.device))):
+        if not (same(k, e.past_keys[:1]) and same(v, e.past_values[:1])):
             raise ValueError(f"{name}'s KV-cached prefix is not the one the model was wrapped with (kv_caches): "
                              "wrap the model with the loader's cache")
 
