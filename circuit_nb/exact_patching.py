@@ -139,9 +139,13 @@ def _changed_edges(edges: List[Edge], # the graph's edges
     return [i for i, e in enumerate(edges) if e.seq_idx is None or e.seq_idx >= diverge_idx]
 
 def _check_kv_prefix(model: PatchableModel, dataloader: PromptDataLoader, name: str = "dataloader"):
-    "Refuse a loader whose prompts follow a KV-cached prefix unless `model` was wrapped with that same prefix (which it serves for any batch size)."
+    "Refuse a loader whose prompts follow a KV-cached prefix unless `model` has causal attention and was wrapped with that same prefix (which it serves for any batch size)."
     cache = getattr(dataloader, "kv_cache", None)
     if cache is None: return
+    if not _is_causal(model):
+        raise ValueError(f"{name}'s prompts follow a KV-cached prefix, but the model's attention is {model.cfg.attention_dir!r}: "
+                         "the prefix would attend to the prompts after it, which a cache made before them cannot hold; "
+                         "make the loader without kv_cache")
     prefix = getattr(model, "_prefix", None)
     if prefix is None:
         raise ValueError(f"{name}'s prompts follow a KV-cached prefix, but the model was wrapped without it: "
