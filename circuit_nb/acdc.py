@@ -15,7 +15,7 @@ from torch.nn.functional import kl_div, mse_loss
 
 from .checks import check_finite, check_loader, check_number, check_patchable
 from .data import BatchKey, PromptDataLoader, batch_src_ablations, multibatch_kl_div
-from .exact_patching import _at_least_float32, _check_no_kv_cache, _chunks, groups_per_pass, run_mask_groups
+from .exact_patching import _at_least_float32, _check_kv_prefix, _chunks, _is_causal, groups_per_pass, run_mask_groups
 from .graph import PatchableModel, draw_graph, out_slice_logits, patch_mode, reusing_buffers, set_masks
 from .progress_bars import progress
 from .types import AblationType, Edge, PruneScores, check_option
@@ -32,6 +32,7 @@ def faithfulness_reference(clean_logits: Tensor, # [b, ..., vocab] the unpatched
                           ) -> Tensor:
     "What patched outputs are compared with: the clean log-probabilities (`kl_div`) or logits (`mse`)."
     check_option("faithfulness_target", faithfulness_target, FAITHFULNESS_TARGETS)
+    if not isinstance(clean_logits, Tensor) or clean_logits.ndim < 2: raise TypeError("clean_logits must be a [batch, ..., vocab] tensor")
     clean_logits = _at_least_float32(clean_logits)
     return clean_logits.log_softmax(-1) if faithfulness_target == "kl_div" else clean_logits
 
@@ -41,6 +42,10 @@ def prompt_faithfulness(logits: Tensor, # [m·b, ..., vocab] logits of m mask gr
                        ) -> Tensor:
     "Each group's loss on each prompt, `[m, b]` (float32 or wider): KL(clean ‖ patched) summed over the vocabulary, or the squared error averaged over it; averaged over positions."
     check_option("faithfulness_target", faithfulness_target, FAITHFULNESS_TARGETS)
+    for name, x in (("logits", logits), ("reference", reference)):
+        if not isinstance(x, Tensor) or x.ndim < 2: raise TypeError(f"{name} must be a [batch, ..., vocab] tensor")
+    if logits.shape[1:] != reference.shape[1:] or logits.shape[0] % reference.shape[0]:
+        raise ValueError(f"logits {tuple(logits.shape)} must be m groups of the reference's {tuple(reference.shape)} rows")
     grouped = _at_least_float32(logits).view(-1, *reference.shape)
     if faithfulness_target == "kl_div":
         per = kl_div(grouped.log_softmax(-1), reference.expand_as(grouped), reduction="none", log_target=True).sum(-1)
@@ -138,12 +143,13 @@ def acdc_circuits(model: PatchableModel, # the wrapped model (see `patchable_mod
     """ACDC's circuit (Conmy et al. 2023) for each τ in `taus`, all thresholds in one sweep over the edges.
 
     Ablated edges carry the source's output on the corrupt prompt (RESAMPLE); the loss is the mean over all
-    prompts of the dataloader. Raises `TypeError`/`ValueError` for a model that is not wrapped, a shuffled,
-    empty or KV-cached loader, a threshold that is not a positive number or an unknown target;
+    prompts of the dataloader. A KV-cached loader needs the model wrapped with its prefix (`kv_caches`).
+    Raises `TypeError`/`ValueError` for a model that is not wrapped, a shuffled or empty loader, a KV-cached one
+    the model does not serve, a threshold that is not a positive number or an unknown target;
     `FloatingPointError` for a non-finite loss; `RuntimeError` when `test_mode` finds a loss it cannot reproduce."""
     check_patchable(model)
     check_loader(model, dataloader)
-    _check_no_kv_cache(dataloader)
+    _check_kv_prefix(model, dataloader)
     check_option("faithfulness_target", faithfulness_target, FAITHFULNESS_TARGETS)
     if not isinstance(test_mode, bool): raise TypeError(f"test_mode must be True or False, not {test_mode!r}")
     if isinstance(taus, (str, bytes)) or not hasattr(taus, "__iter__"): raise TypeError(f"taus must be a list of numbers, not {taus!r}")
@@ -156,7 +162,8 @@ def acdc_circuits(model: PatchableModel, # the wrapped model (see `patchable_mod
     refs = {k: faithfulness_reference(v, faithfulness_target) for k, v in clean_logits.items()}
     n_prompts = sum(len(b.clean) for b in batches)
     per_pass = min(groups_per_pass(model, b.clean) for b in batches)  # branches sharing one pass
-    shared_prefix = min(b.batch_diverge_idx for b in batches)  # edges at earlier positions change nothing
+    # under causal attention, edges at positions before every batch's first difference change nothing
+    shared_prefix = min(b.batch_diverge_idx for b in batches) if _is_causal(model) else 0
     blank = {w.module_name: t.zeros(w.mask_shape, dtype=w.patch_mask.dtype, device=w.patch_mask.device) for w in model.dest_wrappers}
     branches, evaluations = [_Branch(list(range(len(taus))), blank, 0.0)], 0
     scores = model.new_prune_scores(10 * taus[-1])

@@ -219,8 +219,26 @@ def _one(batch, i):
     return type(batch)(batch.key, batch.batch_diverge_idx, batch.clean[i:i + 1], batch.corrupt[i:i + 1],
                        pick(batch.answers), pick(batch.wrong_answers))
 
+def _nonzero_full_diffs(full_diffs: Tensor, # [b] the full model's answer differences on `batch`
+                        batch: PromptPairBatch, # the batch they were computed on
+                        what: str = "logit_diff_percent", # names the measure in the message
+                       ) -> Tensor:
+    "`full_diffs` if none is 0; else a `ValueError` naming the prompt: a percentage of a difference of 0 is undefined (0/0)."
+    zero = (full_diffs == 0).nonzero()
+    if len(zero):
+        row = int(zero[0])
+        idxs = tuple(getattr(batch, "prompt_idxs", ()) or ())
+        which = f"prompt {idxs[row]} of the dataset" if row < len(idxs) else f"row {row} of its batch"
+        raise ValueError(f"{what}: on {which} the full model's answer difference is 0, so a percentage of it is undefined "
+                         "(is the prompt's answer among its wrong answers?)")
+    return full_diffs
+
+def _logit_diff_percent(vals: Tensor, full: Tensor, batch: PromptPairBatch) -> Tensor:
+    "Each prompt's answer difference under the circuit as a percentage of the full model's (which must not be 0)."
+    return 100 * batch_answer_diffs(vals, batch) / _nonzero_full_diffs(batch_answer_diffs(full, batch), batch)
+
 FAITHFULNESS_MEASURES = {
-    "logit_diff_percent": lambda vals, full, batch: 100 * batch_answer_diffs(vals, batch) / batch_answer_diffs(full, batch),
+    "logit_diff_percent": _logit_diff_percent,
     "kl_div": _kl_per_prompt,
     "correct_percent": lambda vals, full, batch: 100 * t.stack([correct_answer_proportion(v[None], _one(batch, i))
                                                                  for i, v in enumerate(vals)]),
@@ -234,8 +252,11 @@ def faithfulness_curves(model: PatchableModel, # the wrapped model
                         measures: Sequence[str] = tuple(FAITHFULNESS_MEASURES), # which curves (keys of `FAITHFULNESS_MEASURES`)
                        ) -> Dict[str, List[Tuple[int, float]]]:
     """For each measure, its value (averaged over prompts) at each circuit size: `[(edge count, value), ...]`;
-    raises `FloatingPointError` naming the size and batch of a non-finite value."""
+    raises `FloatingPointError` naming the size and batch of a non-finite value, and `ValueError` naming the prompt
+    for `logit_diff_percent` where the full model's answer difference is 0."""
     if isinstance(measures, str): raise TypeError(f"measures must be a list of measure names, not the string {measures!r}")
+    if not isinstance(measures, Sequence): raise TypeError(f"measures must be a list of measure names, not {type(measures).__name__}")
+    if not measures: raise ValueError(f"measures is empty: give at least one of {list(FAITHFULNESS_MEASURES)}")
     for m in measures: check_option("measure", m, list(FAITHFULNESS_MEASURES))
     batches = list(check_loader(check_patchable(model), dataloader))
     full = _full_outputs(model, batches, "clean")
@@ -245,9 +266,19 @@ def faithfulness_curves(model: PatchableModel, # the wrapped model
 def curve_area(points: Sequence[Tuple[float, float]], # (x, y) pairs, e.g. a faithfulness curve
                log_x: bool = False, # integrate over log(1 + x), as for circuit sizes spanning decades
               ) -> float:
-    "The area under a curve by the trapezoid rule, with x rescaled to [0, 1]."
+    """The area under a curve by the trapezoid rule, with x rescaled to [0, 1]. The points are taken in the order of
+    their x (any order given); two points at one x are a `ValueError` (which y holds there is ambiguous)."""
+    if isinstance(points, (str, bytes, dict)) or not hasattr(points, "__iter__"):
+        raise TypeError(f"points must be a list of (x, y) pairs, not {type(points).__name__}")
+    points = list(points)
+    if any(not hasattr(p, "__len__") or len(p) != 2 for p in points): raise TypeError("points must be a list of (x, y) pairs")
+    if not isinstance(log_x, bool): raise TypeError(f"log_x must be True or False, not {log_x!r}")
     xs, ys = t.tensor([float(x) for x, _ in points], dtype=t.float64), t.tensor([float(y) for _, y in points], dtype=t.float64)
     check_finite(xs, "the curve's x values"); check_finite(ys, "the curve's y values")
+    order = xs.argsort(stable=True)
+    xs, ys = xs[order], ys[order]
+    if len(xs) > 1 and bool((xs[1:] == xs[:-1]).any()):
+        raise ValueError(f"points has two points at x = {xs[1:][xs[1:] == xs[:-1]][0].item():g}: a curve has one y per x")
     if log_x: xs = t.log1p(xs)
     if len(xs) < 2 or xs[-1] == xs[0]: raise ValueError("a curve needs at least two distinct x values")
     return t.trapezoid(ys, (xs - xs[0]) / (xs[-1] - xs[0])).item()
@@ -262,11 +293,15 @@ def mib_faithfulness(model: PatchableModel, # the wrapped model
                      ablation_type: AblationType = AblationType.RESAMPLE, # what ablated edges carry
                     ) -> Dict[str, object]:
     """MIB's faithfulness curve of a ranking (circuits run with `TREE_PATCH`, as MIB does), with its CPR (area
-    under it) and CMD (area between it and 1): `dict(fractions, faithfulness, cpr, cmd)`."""
+    under it) and CMD (area between it and 1): `dict(fractions, faithfulness, cpr, cmd)`. A fraction f is the circuit of
+    ⌊f·n_edges + 0.5⌋ edges (`edge_counts_from`). Raises `TypeError`/`ValueError` for a model that is not wrapped, a bad
+    loader, scores or fractions, and when the full model and the empty circuit have the same logit difference."""
+    check_prune_scores(check_patchable(model), prune_scores)
+    check_loader(model, dataloader)
     if isinstance(fractions, (str, bytes)) or not hasattr(fractions, "__iter__"):
         raise TypeError(f"fractions must be a list of fractions of all edges, not {type(fractions).__name__}")
     fractions = sorted(set(check_number("fractions", f, 0.0, 1.0) for f in fractions) | {0.0, 1.0})
-    counts = [round(f * model.n_edges) for f in fractions]
+    counts = edge_counts_from(fractions, model.n_edges, "fractions")  # floats: fractions, read as everywhere else
     outs = run_circuits(model, dataloader, counts, prune_scores, PatchType.TREE_PATCH, ablation_type)
     diff = {c: v.float().mean().item() for c, v in prompt_measures(
         model, dataloader, outs, lambda vals, full, batch: batch_answer_diffs(vals, batch), "the logit difference").items()}
@@ -284,6 +319,8 @@ def plot_faithfulness(curves: Dict[str, List[Tuple[int, float]]], # from `faithf
                       log_x: bool = True): # log-scale the edge counts
     "Plot one faithfulness curve; return the Axes."
     import matplotlib.pyplot as plt
+    if not isinstance(curves, dict): raise TypeError(f"curves must be the dict that faithfulness_curves returns, not {type(curves).__name__}")
+    if not isinstance(log_x, bool): raise TypeError(f"log_x must be True or False, not {log_x!r}")
     check_option("measure", measure, list(curves))
     if ax is None: _, ax = plt.subplots(figsize=(6, 3.5))
     xs, ys = zip(*curves[measure])
@@ -315,6 +352,8 @@ class CircuitExplorer:
                 ):
         import ipywidgets as w
         from circuit_nb.graph import edge_counts_util
+        check_prune_scores(check_patchable(model), prune_scores)
+        check_loader(model, dataloader)
         check_option("measure", measure, list(FAITHFULNESS_MEASURES))
         self.model, self.scores, self.measure = model, prune_scores, measure
         counts = list(test_edge_counts) if test_edge_counts is not None else edge_counts_util(model.edges, prune_scores=prune_scores)

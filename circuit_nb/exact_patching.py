@@ -9,7 +9,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set
 import torch as t
 from torch import Tensor
 
-from .checks import check_finite, check_int, check_loader, check_patchable
+from .checks import check_finite, check_int, check_loader, check_patchable, check_prune_scores
 from .data import (PromptDataLoader, PromptPairBatch, answer_means, batch_answer_diffs,
                              batch_src_ablations)
 from .graph import PatchableModel, out_slice_logits, patch_mode, reusing_buffers, set_mask_batch_size
@@ -28,39 +28,82 @@ def prompt_losses(logits: Tensor, # [batch, ..., vocab] logits at `model.out_sli
                  ) -> Tensor:
     "Each prompt's loss, `[batch]`: −(answer − wrong-answer logit), −(answer logit), or the MSE of its logits to its answer distribution."
     check_option("answer_function", answer_function, ANSWER_FUNCTIONS)
+    if not isinstance(logits, Tensor) or logits.ndim < 2: raise TypeError("logits must be a [batch, ..., vocab] tensor")
+    if not isinstance(batch, PromptPairBatch): raise TypeError(f"batch must be a PromptPairBatch, not {type(batch).__name__}")
     if answer_function == "avg_diff": return -batch_answer_diffs(logits, batch)
     if answer_function == "avg_val": return -answer_means(logits, batch.answers)
     return (logits - answer_distribution(logits, batch.answers)).pow(2).flatten(1).mean(1)
 
 # %% ../nbs/10_exact_patching.ipynb #02172665
-def edge_group_masks(model: PatchableModel, # the wrapped model
-                     groups: Sequence[Iterable[Edge]], # the edges each mask group patches
-                    ) -> Dict[str, Tensor]:
-    "Masks for `len(groups)` mask groups, `[groups, *mask_shape]` per destination module: 1 on the edges of `groups[g]` in group g, 0 elsewhere."
+def _group_masks(model: PatchableModel, groups: Sequence[Iterable[Edge]]) -> Dict[str, Tensor]:
+    "`edge_group_masks` without its argument checks (for the hot loops here, where the edges are the model's own)."
     masks = {w.module_name: t.zeros(len(groups), *w.mask_shape, dtype=w.patch_mask.dtype, device=w.patch_mask.device)
              for w in model.dest_wrappers}
     for g, edges in enumerate(groups):
         for e in edges: masks[e.dest.module_name][(g, *e.patch_idx)] = 1.0
     return masks
 
+def edge_group_masks(model: PatchableModel, # the wrapped model
+                     groups: Sequence[Iterable[Edge]], # the edges each mask group patches
+                    ) -> Dict[str, Tensor]:
+    """Masks for `len(groups)` mask groups, `[groups, *mask_shape]` per destination module: 1 on the edges of `groups[g]`
+    in group g, 0 elsewhere. A `TypeError`/`ValueError` for a model that is not wrapped, or groups that are not lists of its edges."""
+    check_patchable(model)
+    if isinstance(groups, (str, bytes, dict, Edge)) or not isinstance(groups, Sequence):
+        raise TypeError(f"groups must be a list of lists of edges (one list per mask group), not {type(groups).__name__}")
+    shapes = {w.module_name: tuple(w.mask_shape) for w in model.dest_wrappers}
+    for g, edges in enumerate(groups):
+        if isinstance(edges, (str, bytes, Edge)) or not isinstance(edges, Iterable):
+            raise TypeError(f"groups[{g}] must be a list of edges, not {type(edges).__name__}")
+        for e in edges:
+            if not isinstance(e, Edge): raise TypeError(f"groups[{g}] holds a {type(e).__name__}, not an Edge")
+            shape = shapes.get(e.dest.module_name)
+            if shape is None or len(e.patch_idx) != len(shape) or any(not 0 <= i < n for i, n in zip(e.patch_idx, shape)):
+                raise ValueError(f"groups[{g}] holds {e!r}, which is not an edge of this model's graph")
+    return _group_masks(model, groups)
+
 def tiled_batch(batch: PromptPairBatch, # a batch of b prompts
                 m: int, # how many times to repeat it
                ) -> PromptPairBatch:
     "`batch` repeated `m` times (prompts, answers, wrong answers): the batch that `m` mask groups run."
+    if not isinstance(batch, PromptPairBatch): raise TypeError(f"batch must be a PromptPairBatch, not {type(batch).__name__}")
+    m = check_int("m", m, lo=1)
     rep = lambda a: a.repeat(m, *([1] * (a.ndim - 1))) if isinstance(a, Tensor) else list(a) * m
     return PromptPairBatch(batch.key, batch.batch_diverge_idx, rep(batch.clean), rep(batch.corrupt), rep(batch.answers),
                            rep(batch.wrong_answers), tuple(batch.prompt_idxs) * m)
+
+def _check_group_masks(model: PatchableModel, masks) -> int:
+    "The number of mask groups of `masks` if it has one `[m, *mask_shape]` tensor per destination module of `model`; a clear error otherwise."
+    if not isinstance(masks, dict): raise TypeError(f"masks must be a dict of destination module -> [groups, *mask_shape] tensor, not {type(masks).__name__}")
+    if not masks: raise ValueError("masks is empty: give one [groups, *mask_shape] tensor per destination module (see edge_group_masks)")
+    shapes = {w.module_name: tuple(w.mask_shape) for w in model.dest_wrappers}
+    missing, extra = sorted(set(shapes) - set(masks)), sorted(set(masks) - set(shapes))
+    if missing: raise ValueError(f"masks has no tensor for the destination modules {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+    if extra: raise ValueError(f"masks has tensors for {extra[:5]}, which are not destination modules of the model's graph")
+    m = None
+    for name, mask in masks.items():
+        if not isinstance(mask, Tensor): raise TypeError(f"masks[{name!r}] must be a tensor, not {type(mask).__name__}")
+        if mask.ndim != len(shapes[name]) + 1 or tuple(mask.shape[1:]) != shapes[name] or mask.shape[0] == 0:
+            raise ValueError(f"masks[{name!r}] is shaped {tuple(mask.shape)}, not [groups >= 1, *{shapes[name]}]")
+        if m is not None and mask.shape[0] != m:
+            raise ValueError(f"masks hold different numbers of groups ({m} and {mask.shape[0]} in masks[{name!r}])")
+        m = mask.shape[0]
+    return m
 
 def run_mask_groups(model: PatchableModel, # the wrapped model
                     tokens: Tensor, # [b, seq] the prompts every group runs
                     patch_src_outs: Tensor, # [n_srcs, b, seq, d_model] ablation values of these prompts
                     masks: Dict[str, Tensor], # [m, *mask_shape] per destination module, e.g. from `edge_group_masks`
                    ) -> Tensor:
-    "Outputs at `model.out_slice` of `tokens` under each of the `m` mask groups, `[m·b, ...]` (group g is rows g·b to (g+1)·b); no autograd."
-    m = next(iter(masks.values())).shape[0]
+    """Outputs at `model.out_slice` of `tokens` under each of the `m` mask groups, `[m·b, ...]` (group g is rows g·b to (g+1)·b);
+    no autograd. A `TypeError`/`ValueError` for a model that is not wrapped, or masks missing a module or shaped unlike its mask."""
+    m = _check_group_masks(check_patchable(model), masks)
+    if not isinstance(tokens, Tensor) or tokens.ndim != 2: raise TypeError("tokens must be a [batch, seq] tensor of token ids")
+    if not isinstance(patch_src_outs, Tensor): raise TypeError(f"patch_src_outs must be a tensor, not {type(patch_src_outs).__name__}")
     with t.no_grad(), set_mask_batch_size(model, m), patch_mode(model, patch_src_outs):
         for name, mask in model.patch_masks.items(): mask.copy_(masks[name])
         return out_slice_logits(model, tokens.repeat(m, 1))
+
 
 # %% ../nbs/10_exact_patching.ipynb #b3c45cf6
 PASS_ELEMENTS = 2 ** 18  # activation values (prompts · positions · d_model) of one pass: beyond, a larger pass saves little
@@ -69,6 +112,8 @@ def groups_per_pass(model: PatchableModel, # the wrapped model
                     tokens: Tensor, # [b, seq] the prompts each mask group runs
                    ) -> int:
     "How many mask groups to run in one pass over `tokens`: enough for about `PASS_ELEMENTS` residual-stream values, at least 1."
+    check_patchable(model)
+    if not isinstance(tokens, Tensor): raise TypeError(f"tokens must be a [batch, seq] tensor of token ids, not {type(tokens).__name__}")
     return max(1, PASS_ELEMENTS // (tokens.numel() * model.cfg.d_model))
 
 def _chunks(n: int, most: int) -> List[range]:
@@ -81,17 +126,36 @@ def _at_least_float32(x: Tensor) -> Tensor:
     "`x` in float32 or wider: losses of half-precision logits would lose the small differences being measured."
     return x.to(t.promote_types(x.dtype, t.float32))
 
+def _is_causal(model: PatchableModel) -> bool:
+    "Whether `model`'s attention is causal, so that a position sees only the positions up to it (any other `attention_dir`: no)."
+    return getattr(model.cfg, "attention_dir", "causal") == "causal"
+
 def _changed_edges(edges: List[Edge], # the graph's edges
                    diverge_idx: int, # the first position where some clean prompt differs from its corrupt one
+                   causal: bool, # whether attention is causal (only then are earlier positions unchanged)
                   ) -> List[int]:
-    "Indices of the edges whose patching with corrupt values can change anything: all but those at positions before `diverge_idx`."
+    "Indices of the edges whose patching with corrupt values can change anything: under causal attention all but those at positions before `diverge_idx`; otherwise all."
+    if not causal: return list(range(len(edges)))
     return [i for i, e in enumerate(edges) if e.seq_idx is None or e.seq_idx >= diverge_idx]
 
-def _check_no_kv_cache(dataloader: PromptDataLoader, name: str = "dataloader"):
-    "Mask groups repeat the prompts, which a KV-cached prefix of one batch size cannot follow: refuse such loaders."
-    if getattr(dataloader, "kv_cache", None) is not None:
-        raise ValueError(f"{name} has a KV-cached prefix; patching several mask groups per pass repeats the prompts, "
-                         "which the cache (made for one batch size) cannot serve: make the loader without kv_cache")
+def _check_kv_prefix(model: PatchableModel, dataloader: PromptDataLoader, name: str = "dataloader"):
+    "Refuse a loader whose prompts follow a KV-cached prefix unless `model` has causal attention and was wrapped with that same prefix (which it serves for any batch size)."
+    cache = getattr(dataloader, "kv_cache", None)
+    if cache is None: return
+    if not _is_causal(model):
+        raise ValueError(f"{name}'s prompts follow a KV-cached prefix, but the model's attention is {model.cfg.attention_dir!r}: "
+                         "the prefix would attend to the prompts after it, which a cache made before them cannot hold; "
+                         "make the loader without kv_cache")
+    prefix = getattr(model, "_prefix", None)
+    if prefix is None:
+        raise ValueError(f"{name}'s prompts follow a KV-cached prefix, but the model was wrapped without it: "
+                         "wrap it with patchable_model(..., kv_caches=(cache,)) using the loader's cache")
+    tol = max(1e-4, 16 * t.finfo(model.cfg.dtype).eps)  # caches of one prefix made in two runs agree to float precision
+    same = lambda x, y: x.shape == y.shape and bool(t.allclose(x, y.to(x.device, x.dtype), rtol=tol, atol=tol))
+    for k, v, e in zip(prefix.keys, prefix.values, cache.entries):
+        if not (same(k, e.past_keys[:1]) and same(v, e.past_values[:1])):
+            raise ValueError(f"{name}'s KV-cached prefix is not the one the model was wrapped with (kv_caches): "
+                             "wrap the model with the loader's cache")
 
 # %% ../nbs/10_exact_patching.ipynb #0bb718e0
 def exact_prune_scores(model: PatchableModel, # the wrapped model (see `patchable_model`)
@@ -108,11 +172,13 @@ def exact_prune_scores(model: PatchableModel, # the wrapped model (see `patchabl
     with L = −answer logit difference (`avg_diff`), −answer logit (`avg_val`) or the logits' MSE to the
     answer distribution (`mse`): edge attribution patching's sign, so EAP ≈ these scores to first order.
     Shapes like the masks (`model.new_prune_scores()`), per position with `seq_len`. Costs one forward pass
-    per edge and batch, shared by `edges_per_pass` edges. Raises `TypeError`/`ValueError` for a model that is
-    not wrapped, a shuffled, empty or KV-cached loader, or bad options; `FloatingPointError` on non-finite losses."""
+    per edge and batch, shared by `edges_per_pass` edges (under causal attention, per-position edges before a
+    batch's first clean/corrupt difference need none: their score is 0). A KV-cached loader needs the model wrapped
+    with its prefix (`kv_caches`). Raises `TypeError`/`ValueError` for a model that is not wrapped, a shuffled or
+    empty loader, a KV-cached one the model does not serve, or bad options; `FloatingPointError` on non-finite losses."""
     check_patchable(model)
     check_loader(model, dataloader)
-    _check_no_kv_cache(dataloader)
+    _check_kv_prefix(model, dataloader)
     check_option("answer_function", answer_function, ANSWER_FUNCTIONS)
     if edges_per_pass is not None: edges_per_pass = check_int("edges_per_pass", edges_per_pass, lo=1)
     ablations = batch_src_ablations(model, dataloader, ablation_type, clean_corrupt)
@@ -121,7 +187,7 @@ def exact_prune_scores(model: PatchableModel, # the wrapped model (see `patchabl
     resample = ablation_type == AblationType.RESAMPLE and clean_corrupt == "corrupt"
     passes = []  # the plan, for a progress bar that moves on large graphs too
     for batch in batches:
-        todo = _changed_edges(edges, batch.batch_diverge_idx if resample else 0)
+        todo = _changed_edges(edges, batch.batch_diverge_idx if resample else 0, _is_causal(model))
         passes += [(batch, todo[c.start:c.stop]) for c in _chunks(len(todo), edges_per_pass or groups_per_pass(model, batch.clean))]
     totals, clean = t.zeros(len(edges), dtype=t.float64), {}
     with t.no_grad(), reusing_buffers(model):
@@ -129,7 +195,7 @@ def exact_prune_scores(model: PatchableModel, # the wrapped model (see `patchabl
             if batch.key not in clean:
                 clean[batch.key] = check_finite(prompt_losses(_at_least_float32(out_slice_logits(model, batch.clean)), batch,
                                                               answer_function), "the loss of the clean run")
-            out = run_mask_groups(model, batch.clean, ablations[batch.key], edge_group_masks(model, [[edges[i]] for i in chunk]))
+            out = run_mask_groups(model, batch.clean, ablations[batch.key], _group_masks(model, [[edges[i]] for i in chunk]))
             losses = prompt_losses(_at_least_float32(out), tiled_batch(batch, len(chunk)), answer_function).view(len(chunk), -1)
             finite = t.isfinite(losses).all(1)
             if not bool(finite.all()):  # name the first edge whose patching gave a non-finite loss
@@ -153,7 +219,9 @@ def _ranks(x: Tensor) -> Tensor:
     first = counts.cumsum(0) - counts  # the rank of each distinct value's first occurrence
     return (first + (counts - 1) / 2).double()[inverse]
 
-def _same_layout(a: PruneScores, b: PruneScores):
+def _same_layout(a: PruneScores, b: PruneScores, names=("a", "b")):
+    "Check both scorings (finite real tensors, see `check_prune_scores`) and that they cover the same edges."
+    for s, name in zip((a, b), names): check_prune_scores(None, s, name)
     if set(a) != set(b) or any(a[k].shape != b[k].shape for k in a):
         raise ValueError("the two score dicts must have the same destination modules and shapes (scores of one model)")
 
@@ -161,8 +229,10 @@ def spearman_correlation(a: PruneScores, # scores of every edge, e.g. exact ones
                          b: PruneScores, # scores of the same edges by another method
                          absolute: bool = False, # correlate |scores| (the ranking circuits use) instead of signed scores
                         ) -> float:
-    "Spearman's rank correlation between two scorings of the same edges, in [−1, 1] (NaN when one is constant)."
+    """Spearman's rank correlation between two scorings of the same edges, in [−1, 1] (NaN when one is constant).
+    A `ValueError` for NaN or infinite scores (which have no rank) or scorings of different graphs, a `TypeError` for a non-bool `absolute`."""
     _same_layout(a, b)
+    if not isinstance(absolute, bool): raise TypeError(f"absolute must be True or False, not {absolute!r}")
     x, y = _flat_scores(a), _flat_scores(b)
     if absolute: x, y = x.abs(), y.abs()
     rx, ry = _ranks(x), _ranks(y)
@@ -180,8 +250,9 @@ def top_k_overlap(reference: PruneScores, # the scores that define the true top 
                   other: PruneScores, # scores of the same edges by another method
                   k: int, # how many edges
                  ) -> float:
-    "The expected fraction of the k edges of largest |reference score| that are among the k of largest |other score|, ties broken at random."
-    _same_layout(reference, other)
+    """The expected fraction of the k edges of largest |reference score| that are among the k of largest |other score|, ties broken
+    at random. A `ValueError` for NaN or infinite scores (which have no rank), scorings of different graphs, or k outside [1, edges]."""
+    _same_layout(reference, other, ("reference", "other"))
     x, y = _flat_scores(reference), _flat_scores(other)
     k = check_int("k", k, lo=1, hi=len(x))
     return float((_top_k_chance(x, k) * _top_k_chance(y, k)).sum() / k)
