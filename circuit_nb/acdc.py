@@ -15,7 +15,7 @@ from torch.nn.functional import kl_div, mse_loss
 
 from .checks import check_finite, check_loader, check_number, check_patchable
 from .data import BatchKey, PromptDataLoader, batch_src_ablations, multibatch_kl_div
-from .exact_patching import _at_least_float32, _check_kv_prefix, _chunks, _is_causal, groups_per_pass, run_mask_groups
+from .exact_patching import _at_least_float32, _chunks, _is_causal, groups_per_pass, run_mask_groups
 from .graph import PatchableModel, draw_graph, out_slice_logits, patch_mode, reusing_buffers, set_masks
 from .progress_bars import progress
 from .types import AblationType, Edge, PruneScores, check_option
@@ -149,7 +149,6 @@ def acdc_circuits(model: PatchableModel, # the wrapped model (see `patchable_mod
     `FloatingPointError` for a non-finite loss; `RuntimeError` when `test_mode` finds a loss it cannot reproduce."""
     check_patchable(model)
     check_loader(model, dataloader)
-    _check_kv_prefix(model, dataloader)
     check_option("faithfulness_target", faithfulness_target, FAITHFULNESS_TARGETS)
     if not isinstance(test_mode, bool): raise TypeError(f"test_mode must be True or False, not {test_mode!r}")
     if isinstance(taus, (str, bytes)) or not hasattr(taus, "__iter__"): raise TypeError(f"taus must be a list of numbers, not {taus!r}")

@@ -138,24 +138,6 @@ def _changed_edges(edges: List[Edge], # the graph's edges
     if not causal: return list(range(len(edges)))
     return [i for i, e in enumerate(edges) if e.seq_idx is None or e.seq_idx >= diverge_idx]
 
-def _check_kv_prefix(model: PatchableModel, dataloader: PromptDataLoader, name: str = "dataloader"):
-    "Refuse a loader whose prompts follow a KV-cached prefix unless `model` has causal attention and was wrapped with that same prefix (which it serves for any batch size)."
-    cache = getattr(dataloader, "kv_cache", None)
-    if cache is None: return
-    if not _is_causal(model):
-        raise ValueError(f"{name}'s prompts follow a KV-cached prefix, but the model's attention is {model.cfg.attention_dir!r}: "
-                         "the prefix would attend to the prompts after it, which a cache made before them cannot hold; "
-                         "make the loader without kv_cache")
-    prefix = getattr(model, "_prefix", None)
-    if prefix is None:
-        raise ValueError(f"{name}'s prompts follow a KV-cached prefix, but the model was wrapped without it: "
-                         "wrap it with patchable_model(..., kv_caches=(cache,)) using the loader's cache")
-    tol = max(1e-4, 16 * t.finfo(model.cfg.dtype).eps)  # caches of one prefix made in two runs agree to float precision
-    same = lambda x, y: x.shape == y.shape and bool(t.allclose(x, y.to(x.device, x.dtype), rtol=tol, atol=tol))
-    for k, v, e in zip(prefix.keys, prefix.values, cache.entries):
-        if not (same(k, e.past_keys[:1]) and same(v, e.past_values[:1])):
-            raise ValueError(f"{name}'s KV-cached prefix is not the one the model was wrapped with (kv_caches): "
-                             "wrap the model with the loader's cache")
 
 # %% ../nbs/10_exact_patching.ipynb #0bb718e0
 def exact_prune_scores(model: PatchableModel, # the wrapped model (see `patchable_model`)
@@ -178,7 +160,6 @@ def exact_prune_scores(model: PatchableModel, # the wrapped model (see `patchabl
     empty loader, a KV-cached one the model does not serve, or bad options; `FloatingPointError` on non-finite losses."""
     check_patchable(model)
     check_loader(model, dataloader)
-    _check_kv_prefix(model, dataloader)
     check_option("answer_function", answer_function, ANSWER_FUNCTIONS)
     if edges_per_pass is not None: edges_per_pass = check_int("edges_per_pass", edges_per_pass, lo=1)
     ablations = batch_src_ablations(model, dataloader, ablation_type, clean_corrupt)
