@@ -72,7 +72,11 @@ class MethodComparison:
 
     def markdown(self, digits: int = 3) -> str:
         "The table in markdown; numbers to `digits` decimals, `-` where there is no value (AUROC without a known circuit)."
-        cell = lambda v: "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+        def cell(v):
+            if v is None: return "-"
+            if not isinstance(v, float): return str(v)
+            s = f"{v:.{digits}f}"
+            return s.lstrip("-") if float(s) == 0 else s  # no "-0.000"
         lines = ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
         lines += ["| " + " | ".join(cell(r[c]) for c in self.columns) + " |" for r in self.rows]
         return "\n".join(lines)
