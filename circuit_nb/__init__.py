@@ -21,12 +21,14 @@ from .subnetwork_probing import *
 from .evaluate import *
 from .baselines import *
 from .circuits import *
+from .circuit_selection import *
 from .prune_metrics import *
 from .draw import *
 from .exact_patching import *
 from .acdc import *
 from .storage import *
 from .zoo import *
-from . import types, checks, tensor_ops, adapter, progress_bars, graph, data, loading, mask_gradients, edge_attribution_patching, subnetwork_probing, evaluate, baselines, circuits, prune_metrics, draw, exact_patching, acdc, storage, zoo
+from .compare import *
+from . import types, checks, tensor_ops, adapter, progress_bars, graph, data, loading, mask_gradients, edge_attribution_patching, subnetwork_probing, evaluate, baselines, circuits, circuit_selection, prune_metrics, draw, exact_patching, acdc, storage, zoo, compare
 
-__all__ = [name for module in (types, checks, tensor_ops, adapter, progress_bars, graph, data, loading, mask_gradients, edge_attribution_patching, subnetwork_probing, evaluate, baselines, circuits, prune_metrics, draw, exact_patching, acdc, storage, zoo) for name in module.__all__]
+__all__ = [name for module in (types, checks, tensor_ops, adapter, progress_bars, graph, data, loading, mask_gradients, edge_attribution_patching, subnetwork_probing, evaluate, baselines, circuits, circuit_selection, prune_metrics, draw, exact_patching, acdc, storage, zoo, compare) for name in module.__all__]
