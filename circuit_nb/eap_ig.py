@@ -137,7 +137,8 @@ def _add_batch_scores(model: PatchableModel, batch: PromptPairBatch, steps: List
     return losses
 
 # %% ../nbs/04a_eap_ig.ipynb #3180f199
-def _gradient_average_scores(model: PatchableModel, dataloader: PromptDataLoader, make_steps, steps_per_pass: Optional[int],
+def _gradient_average_scores(model: PatchableModel, dataloader: PromptDataLoader, make_steps: Callable[[PatchableModel], List[_Step]],
+                             steps_per_pass: Optional[int],
                              answer_diff: bool, desc: str) -> PruneScores:
     "The scores of the method whose gradient evaluations `make_steps(model)` lists, over all batches."
     check_patchable(model)
@@ -188,7 +189,7 @@ def eap_ig_activations_prune_scores(model: PatchableModel, # the wrapped model (
                                     official_edges: Optional[Set[Edge]], # the true circuit, if known; not used (API compatibility)
                                     steps: int = 5, # n: each component's output at k/n × clean + (1 − k/n) × corrupt, k = 1 … n
                                     answer_diff: bool = True, # loss = −answer difference (True) or −answer value
-                                    steps_per_pass: Optional[int] = None, # steps stacked in one forward/backward pass (None: all)
+                                    steps_per_pass: Optional[int] = None, # steps stacked in one forward/backward pass (None: `steps`)
                                    ) -> PruneScores:
     """EAP-IG on activations (Hanna et al. 2024, `eap`'s `EAP-IG-activations`): for every edge, Σ over batches and
     positions of (corrupt − clean source output) · the mean over C × `steps` runs of ∂loss/∂(dest input), where each run
@@ -196,10 +197,12 @@ def eap_ig_activations_prune_scores(model: PatchableModel, # the wrapped model (
     its clean and corrupt values, held constant, and runs the rest on the clean prompt. Each prompt weighs the same
     (prompt weights of `03_mask_gradients`); with equal batches, number of prompts × the `eap` package's score. One
     tensor per destination module, shaped like its mask `[seq?, head?, source]`, on the masks' device. Costs two forward
-    passes and C × `steps` forward and backward passes per batch. A `TypeError`/`ValueError` names a bad argument;
-    a `FloatingPointError` the batch and step whose loss or scores are not finite."""
+    passes and C × `steps` forward and backward passes per batch, `steps_per_pass` at a time (by default one component's
+    steps: C passes of `steps` × the batch, the memory of the input variant). A `TypeError`/`ValueError` names a bad
+    argument; a `FloatingPointError` the batch and step whose loss or scores are not finite."""
     steps = check_int("steps", steps, lo=1)
-    return _gradient_average_scores(model, dataloader, lambda m: _activation_steps(m, steps), steps_per_pass, answer_diff,
+    return _gradient_average_scores(model, dataloader, lambda m: _activation_steps(m, steps),
+                                    steps if steps_per_pass is None else steps_per_pass, answer_diff,
                                     "EAP-IG (activations)")
 
 # %% ../nbs/04a_eap_ig.ipynb #0b25df24
