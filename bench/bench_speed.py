@@ -7,6 +7,8 @@ vocab 50,257, random weights), 2 batches x 8 prompts x 16 tokens. The floor: the
 forward pass on the corrupt prompts plus a forward and backward pass on the clean ones (gradient to the
 embeddings). Every time is the best of --repeats runs; the two sides of each ratio are run alternately, so that the
 machine's slow spells (it is shared) fall on both alike.
+The EAP-IG section (04a) times each variant against (its gradient evaluations + 1) x edge attribution patching;
+--eap-ig-only measures that section alone.
 Peak memory is the growth of the process's peak resident set (VmHWM, reset before each measurement) on the
 CPU, or of torch's peak allocation on CUDA.
 """
@@ -21,6 +23,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from circuit_nb import (PromptDataLoader, PromptDataset, graph_edges, patch_mode, patchable_model, run_circuits,
                         show_progress, source_outputs)
 from circuit_nb.mask_gradients import mask_gradient_prune_scores
+from circuit_nb.eap_ig import clean_corrupted_prune_scores, eap_ig_activations_prune_scores, eap_ig_inputs_prune_scores
 
 
 def gpt2_small_shape(device):
@@ -79,6 +82,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--ig-samples", type=int, default=4)
+    ap.add_argument("--eap-ig-steps", type=int, default=4, help="steps of EAP-IG on inputs")
+    ap.add_argument("--eap-ig-activation-steps", type=int, default=1, help="steps of EAP-IG on activations (x 25 components)")
+    ap.add_argument("--eap-ig-only", action="store_true", help="measure only the EAP-IG section")
     ap.add_argument("--out", default=None, help="append the results to this markdown file")
     args = ap.parse_args()
     show_progress(False)
@@ -116,21 +122,40 @@ def main():
     def twenty_plain_forwards():
         for _ in range(20): plain_forward()
 
-    (floor_time, floor_mem), (eap_time, eap_mem) = meter(floor, eap)
-    (ig_time, _), (eap_time_2, _) = meter(ig, eap)
-    (patched_time, _), (plain_time, _) = meter(patched_forward, plain_forward)
-    (circuits_time, _), (plain_20_time, _) = meter(twenty_circuits, twenty_plain_forwards)
-    n = args.ig_samples
-    rows += [("edge attribution patching (mask gradients, mask_val=0) / floor", eap_time, eap_time / floor_time, "<= 1.5", "x"),
-             ("  its peak memory / the floor's", None, eap_mem / floor_mem, "<= 1.5", "x"),
-             (f"integrated gradients, {n} samples / ((n+1) x EAP)", ig_time, ig_time / ((n + 1) * eap_time_2), "<= 1.1", "x"),
-             ("patched forward, all masks 0 / plain forward", patched_time, patched_time / plain_time, "<= 1.3", "x"),
-             ("20 circuit sizes / 20 plain forwards", circuits_time, circuits_time / plain_20_time, "<= 1.0", "x")]
+    if args.eap_ig_only: rows = []
+    else:
+        (floor_time, floor_mem), (eap_time, eap_mem) = meter(floor, eap)
+        (ig_time, _), (eap_time_2, _) = meter(ig, eap)
+        (patched_time, _), (plain_time, _) = meter(patched_forward, plain_forward)
+        (circuits_time, _), (plain_20_time, _) = meter(twenty_circuits, twenty_plain_forwards)
+        n = args.ig_samples
+        rows += [("edge attribution patching (mask gradients, mask_val=0) / floor", eap_time, eap_time / floor_time, "<= 1.5", "x"),
+                 ("  its peak memory / the floor's", None, eap_mem / floor_mem, "<= 1.5", "x"),
+                 (f"integrated gradients, {n} samples / ((n+1) x EAP)", ig_time, ig_time / ((n + 1) * eap_time_2), "<= 1.1", "x"),
+                 ("patched forward, all masks 0 / plain forward", patched_time, patched_time / plain_time, "<= 1.3", "x"),
+                 ("20 circuit sizes / 20 plain forwards", circuits_time, circuits_time / plain_20_time, "<= 1.0", "x")]
+
+    # EAP-IG (04a): each variant against (gradient evaluations + 1) x edge attribution patching (mask gradients at 0)
+    n, n_act, components = args.eap_ig_steps, args.eap_ig_activation_steps, 1 + 2 * model.cfg.n_layers
+    def eap_ig_inputs(): eap_ig_inputs_prune_scores(pm, loader, None, steps=n)
+    def eap_ig_activations(): eap_ig_activations_prune_scores(pm, loader, None, steps=n_act)
+    def clean_corrupted(): clean_corrupted_prune_scores(pm, loader, None)
+    def eap_ig_row(fn, name, evaluations):
+        "Time `fn` against EAP; the row, also printed at once (the section is slow on a CPU)."
+        (secs, _), (eap_secs, _) = meter(fn, eap)
+        row = (name, secs, secs / (evaluations * eap_secs), "<= 1.1", "x")
+        print(f"{name}: {secs:.3f} s, EAP {eap_secs:.3f} s, ratio {row[2]:.2f}", file=sys.stderr, flush=True)
+        return row
+    rows += [eap_ig_row(eap_ig_inputs, f"EAP-IG on inputs, {n} steps / ((n+1) x EAP)", n + 1),
+             eap_ig_row(clean_corrupted, "clean-corrupted (2 gradient runs) / (2 x EAP)", 2),
+             eap_ig_row(eap_ig_activations, f"EAP-IG on activations, {n_act} step(s) x {components} components / ((C n + 1) x EAP)",
+                        components * n_act + 1)]
     pm.unwrap()
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {t.__version__}, device {dev}" + \
               (f" ({t.cuda.get_device_name()})" if dev == "cuda" else f", OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     lines = [f"## {time.strftime('%Y-%m-%d %H:%M')} — {machine}", "",
+             "EAP-IG section only" if args.eap_ig_only else
              f"floor {floor_time:.3f} s (peak +{floor_mem / 2**20:.0f} MiB), plain forward {plain_time:.3f} s", "",
              "| measurement | time (s) | ratio | target |", "|---|---|---|---|"]
     for name, secs, ratio, target, unit in rows:
