@@ -17,6 +17,7 @@ from .data import *
 from .loading import *
 from .mask_gradients import *
 from .edge_attribution_patching import *
+from .eap_ig import *
 from .subnetwork_probing import *
 from .evaluate import *
 from .baselines import *
@@ -29,6 +30,6 @@ from .acdc import *
 from .storage import *
 from .zoo import *
 from .compare import *
-from . import types, checks, tensor_ops, adapter, progress_bars, graph, data, loading, mask_gradients, edge_attribution_patching, subnetwork_probing, evaluate, baselines, circuits, circuit_selection, prune_metrics, draw, exact_patching, acdc, storage, zoo, compare
+from . import types, checks, tensor_ops, adapter, progress_bars, graph, data, loading, mask_gradients, edge_attribution_patching, eap_ig, subnetwork_probing, evaluate, baselines, circuits, circuit_selection, prune_metrics, draw, exact_patching, acdc, storage, zoo, compare
 
-__all__ = [name for module in (types, checks, tensor_ops, adapter, progress_bars, graph, data, loading, mask_gradients, edge_attribution_patching, subnetwork_probing, evaluate, baselines, circuits, circuit_selection, prune_metrics, draw, exact_patching, acdc, storage, zoo, compare) for name in module.__all__]
+__all__ = [name for module in (types, checks, tensor_ops, adapter, progress_bars, graph, data, loading, mask_gradients, edge_attribution_patching, eap_ig, subnetwork_probing, evaluate, baselines, circuits, circuit_selection, prune_metrics, draw, exact_patching, acdc, storage, zoo, compare) for name in module.__all__]
