@@ -13,7 +13,7 @@ import torch as t
 from torch import Tensor
 from torch.nn.functional import kl_div, mse_loss
 
-from .checks import check_finite, check_loader, check_number, check_patchable
+from .checks import check_bool, check_finite, check_loader, check_number, check_patchable
 from .data import BatchKey, PromptDataLoader, batch_src_ablations, multibatch_kl_div
 from .exact_patching import _at_least_float32, _chunks, _is_causal, groups_per_pass, run_mask_groups
 from .graph import PatchableModel, draw_graph, out_slice_logits, patch_mode, reusing_buffers, set_masks
@@ -150,7 +150,7 @@ def acdc_circuits(model: PatchableModel, # the wrapped model (see `patchable_mod
     check_patchable(model)
     check_loader(model, dataloader)
     check_option("faithfulness_target", faithfulness_target, FAITHFULNESS_TARGETS)
-    if not isinstance(test_mode, bool): raise TypeError(f"test_mode must be True or False, not {test_mode!r}")
+    check_bool("test_mode", test_mode)
     if isinstance(taus, (str, bytes)) or not hasattr(taus, "__iter__"): raise TypeError(f"taus must be a list of numbers, not {taus!r}")
     taus = sorted({check_number("each τ (threshold)", tau, lo=0.0, lo_open=True) for tau in taus})
     if not taus: raise ValueError("taus is empty: ACDC needs at least one threshold")
@@ -207,7 +207,7 @@ def acdc_prune_scores(model: PatchableModel, # the wrapped model (see `patchable
     (`model.new_prune_scores()`); larger = more important. For each τ's exact circuit, see `acdc_circuits`.
     Raises the errors of `acdc_circuits`, and a `TypeError` for a `run_circuits_ref` or `draw_seq_graph_ref`
     that is not callable."""
-    if not isinstance(show_graphs, bool): raise TypeError(f"show_graphs must be True or False, not {show_graphs!r}")
+    check_bool("show_graphs", show_graphs)
     for name, ref in (("run_circuits_ref", run_circuits_ref), ("draw_seq_graph_ref", draw_seq_graph_ref)):
         if ref is not None and not callable(ref): raise TypeError(f"{name} must be a function or None, not {type(ref).__name__}")
     for name, values in (("tao_exps", tao_exps), ("tao_bases", tao_bases)):

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, RandomSampler
 from .types import PruneScores, check_option
 
 # %% auto #0
-__all__ = ['check_patchable', 'check_int', 'check_number', 'check_finite', 'check_autograd', 'check_prune_scores', 'check_tokens',
-           'check_loader']
+__all__ = ['check_patchable', 'check_bool', 'check_int', 'check_number', 'check_finite', 'check_autograd', 'check_prune_scores',
+           'check_tokens', 'check_loader']
 
 # %% ../nbs/00c_checks.ipynb #093ff8a8
 def check_patchable(model, # what the caller passed as the wrapped model
@@ -29,6 +29,15 @@ def check_patchable(model, # what the caller passed as the wrapped model
     if not model.is_wrapped:
         raise ValueError(f"{name} is a PatchableModel that was unwrapped (.unwrap()): wrap the model again with patchable_model(...)")
     return model
+
+# %% ../nbs/00c_checks.ipynb #ec9f0850
+def check_bool(name: str, # the parameter's name, for the message
+               value, # what the caller passed
+               allow_none: bool = False, # whether None is allowed too
+              ):
+    "`value` if it is `True` or `False` (or None, when allowed); a `TypeError` naming `name` otherwise (the string \"False\" would count as true)."
+    if isinstance(value, bool) or (value is None and allow_none): return value
+    raise TypeError(f"{name} must be True or False{' or None' if allow_none else ''}, not {value!r}")
 
 # %% ../nbs/00c_checks.ipynb #823c66e8
 def check_int(name: str, # the parameter's name, for the message

@@ -10,7 +10,7 @@ from typing import Dict, FrozenSet, List, Sequence, Tuple, Union
 
 import torch as t
 
-from .checks import check_int, check_loader, check_patchable
+from .checks import check_bool, check_int, check_loader, check_patchable
 from .circuits import CircuitOutputs, PatchType, edge_ranks, run_circuits
 from .graph import PatchableModel
 from .types import *
@@ -99,7 +99,7 @@ def greedy_circuit(model: PatchableModel, # the wrapped model (factorized graph)
     exactly `n` without. `TypeError`/`ValueError` for bad arguments."""
     _check_factorized(model)
     n = check_int("n", n, 0, model.n_edges)
-    if not isinstance(prune, bool): raise TypeError(f"prune must be True or False, not {prune!r}")
+    check_bool("prune", prune)
     into: Dict[str, List[Tuple[int, Edge]]] = {}
     for rank, e in _ranked_edges(model, prune_scores): into.setdefault(component(e.dest), []).append((rank, e))
     inside, heap, order = {"Resid End"}, list(into.get("Resid End", [])), []

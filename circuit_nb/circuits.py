@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch as t
 from torch import Tensor
 
-from .checks import check_finite, check_int, check_loader, check_number, check_patchable, check_prune_scores
+from .checks import check_bool, check_finite, check_int, check_loader, check_number, check_patchable, check_prune_scores
 from .data import (BatchKey, PromptDataLoader, PromptPairBatch, batch_answer_diffs, batch_avg_answer_val,
                              batch_src_ablations, correct_answer_proportion, multibatch_kl_div)
 from .graph import (PatchableModel, edge_counts_from, draw_graph, out_slice_logits, patch_mode, reusing_buffers,
@@ -81,11 +81,6 @@ def _circuit_masks(ranks: PruneScores, counts: Tensor, patch_type: PatchType, dt
     return masks
 
 # %% ../nbs/08_circuits.ipynb #a8c1e006
-def _check_flag(name: str, value) -> bool:
-    "`value` if it is `True` or `False`; a `TypeError` naming `name` otherwise."
-    if not isinstance(value, bool): raise TypeError(f"{name} must be True or False, not {value!r}")
-    return value
-
 def _check_circuit_args(model, dataloader, test_edge_counts, prune_scores, patch_type, ablation_type,
                         reverse_clean_corrupt, render_graph, render_score_threshold, render_file_path,
                         circuits_per_pass) -> List[int]:
@@ -96,8 +91,8 @@ def _check_circuit_args(model, dataloader, test_edge_counts, prune_scores, patch
     counts = _read_counts(model, test_edge_counts)
     check_option("patch_type", patch_type, list(PatchType))
     check_option("ablation_type", ablation_type, list(AblationType))
-    _check_flag("reverse_clean_corrupt", reverse_clean_corrupt)
-    _check_flag("render_graph", render_graph)
+    check_bool("reverse_clean_corrupt", reverse_clean_corrupt)
+    check_bool("render_graph", render_graph)
     if render_score_threshold is not False: check_number("render_score_threshold", render_score_threshold, lo=0)
     if render_file_path is not None:
         if not isinstance(render_file_path, (str, Path)):
@@ -272,7 +267,7 @@ def curve_area(points: Sequence[Tuple[float, float]], # (x, y) pairs, e.g. a fai
         raise TypeError(f"points must be a list of (x, y) pairs, not {type(points).__name__}")
     points = list(points)
     if any(not hasattr(p, "__len__") or len(p) != 2 for p in points): raise TypeError("points must be a list of (x, y) pairs")
-    if not isinstance(log_x, bool): raise TypeError(f"log_x must be True or False, not {log_x!r}")
+    check_bool("log_x", log_x)
     xs, ys = t.tensor([float(x) for x, _ in points], dtype=t.float64), t.tensor([float(y) for _, y in points], dtype=t.float64)
     check_finite(xs, "the curve's x values"); check_finite(ys, "the curve's y values")
     order = xs.argsort(stable=True)
@@ -320,7 +315,7 @@ def plot_faithfulness(curves: Dict[str, List[Tuple[int, float]]], # from `faithf
     "Plot one faithfulness curve; return the Axes."
     import matplotlib.pyplot as plt
     if not isinstance(curves, dict): raise TypeError(f"curves must be the dict that faithfulness_curves returns, not {type(curves).__name__}")
-    if not isinstance(log_x, bool): raise TypeError(f"log_x must be True or False, not {log_x!r}")
+    check_bool("log_x", log_x)
     check_option("measure", measure, list(curves))
     if ax is None: _, ax = plt.subplots(figsize=(6, 3.5))
     xs, ys = zip(*curves[measure])

@@ -18,7 +18,7 @@ from fastcore.basics import patch
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from .checks import check_int, check_loader, check_patchable, check_tokens
+from .checks import check_bool, check_int, check_loader, check_patchable, check_tokens
 from .graph import PatchableModel, source_outputs
 from .types import AblationType
 
@@ -326,11 +326,6 @@ def _tokenize_answers(model, value, what: str):
         out.append(a)
     return out
 
-def _check_flag(name: str, value) -> bool:
-    "`value` if it is a `bool`; a `TypeError` naming `name` otherwise (the string \"False\" would count as true)."
-    if not isinstance(value, bool): raise TypeError(f"{name} must be True or False, not {value!r} ({type(value).__name__})")
-    return value
-
 def _split_sizes(train_test_size, n: int, source: str) -> Tuple[int, int]:
     "`(n_train, n_test)` from counts or fractions of `n`."
     if not isinstance(train_test_size, (list, tuple)) or len(train_test_size) != 2:
@@ -410,7 +405,7 @@ def load_datasets_from_json(model, # None for token-id prompts; else a model wit
                            ) -> Tuple[PromptDataLoader, PromptDataLoader]:
     "A train and a test `PromptDataLoader` from prompts in the JSON format above; errors name the file and the prompt's index in it."
     for flag, value in (("prepend_bos", prepend_bos), ("return_seq_length", return_seq_length),
-                        ("tail_divergence", tail_divergence), ("shuffle", shuffle), ("pad", pad)): _check_flag(flag, value)
+                        ("tail_divergence", tail_divergence), ("shuffle", shuffle), ("pad", pad)): check_bool(flag, value)
     check_int("random_seed", random_seed)
     train_bs, test_bs = batch_size if isinstance(batch_size, (tuple, list)) and len(batch_size) == 2 else (batch_size, batch_size)
     check_int("batch_size", train_bs, lo=1), check_int("batch_size", test_bs, lo=1)
@@ -515,7 +510,7 @@ def batch_avg_answer_val(vals: Tensor, # [batch, ..., vocab] output values at `m
                         ) -> Tensor:
     "The mean over prompts of each prompt's mean value at its answers (or wrong answers)."
     _check_batch(batch)
-    if _check_flag("wrong_answer", wrong_answer): return answer_means(vals, batch.wrong_answers, "wrong answers").mean()
+    if check_bool("wrong_answer", wrong_answer): return answer_means(vals, batch.wrong_answers, "wrong answers").mean()
     return answer_means(vals, batch.answers).mean()
 
 def batch_answer_diffs(vals: Tensor, # [batch, ..., vocab] output values at `model.out_slice`

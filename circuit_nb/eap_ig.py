@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional, Set
 import torch as t
 from torch import Tensor
 
-from .checks import check_finite, check_int, check_loader, check_patchable
+from .checks import check_bool, check_finite, check_int, check_loader, check_patchable
 from .data import PromptDataLoader, PromptPairBatch, batch_avg_answer_diff, batch_avg_answer_val
 from .edge_attribution_patching import _dests_by_hook, _dot_products, _source_output, hook_points_exposed
 from .graph import PatchableModel
@@ -143,7 +143,7 @@ def _gradient_average_scores(model: PatchableModel, dataloader: PromptDataLoader
     "The scores of the method whose gradient evaluations `make_steps(model)` lists, over all batches."
     check_patchable(model)
     check_loader(model, dataloader, same_batches=False)
-    if not isinstance(answer_diff, bool): raise TypeError(f"answer_diff must be True or False, not {answer_diff!r}")
+    check_bool("answer_diff", answer_diff)
     steps = make_steps(model)
     steps_per_pass = len(steps) if steps_per_pass is None else check_int("steps_per_pass", steps_per_pass, lo=1)
     srcs = sorted(model.srcs, key=lambda s: s.src_idx)

@@ -12,7 +12,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from .adapter import TransformerLensAdapter
-from .checks import check_autograd, check_finite, check_loader, check_patchable
+from .checks import check_autograd, check_bool, check_finite, check_loader, check_patchable
 from .data import PromptDataLoader, batch_avg_answer_diff, batch_avg_answer_val
 from .graph import PatchableModel
 from .mask_gradients import _PromptWeights, _all_finite, _check_step_losses, frozen_parameters
@@ -115,7 +115,7 @@ def edge_attribution_patching_prune_scores(model: PatchableModel, # the wrapped 
     check_autograd("edge_attribution_patching_prune_scores")
     check_patchable(model)
     check_loader(model, dataloader, same_batches=False)
-    if not isinstance(answer_diff, bool): raise TypeError(f"answer_diff must be True or False, not {answer_diff!r}")
+    check_bool("answer_diff", answer_diff)
     srcs = sorted(model.srcs, key=lambda s: s.src_idx)
     dests = _dests_by_hook(model)
     layout = model.new_prune_scores()

@@ -9,7 +9,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set
 import torch as t
 from torch import Tensor
 
-from .checks import check_finite, check_int, check_loader, check_patchable, check_prune_scores
+from .checks import check_bool, check_finite, check_int, check_loader, check_patchable, check_prune_scores
 from .data import (PromptDataLoader, PromptPairBatch, answer_means, batch_answer_diffs,
                              batch_src_ablations)
 from .graph import PatchableModel, out_slice_logits, patch_mode, reusing_buffers, set_mask_batch_size
@@ -213,7 +213,7 @@ def spearman_correlation(a: PruneScores, # scores of every edge, e.g. exact ones
     """Spearman's rank correlation between two scorings of the same edges, in [−1, 1] (NaN when one is constant).
     A `ValueError` for NaN or infinite scores (which have no rank) or scorings of different graphs, a `TypeError` for a non-bool `absolute`."""
     _same_layout(a, b)
-    if not isinstance(absolute, bool): raise TypeError(f"absolute must be True or False, not {absolute!r}")
+    check_bool("absolute", absolute)
     x, y = _flat_scores(a), _flat_scores(b)
     if absolute: x, y = x.abs(), y.abs()
     rx, ry = _ranks(x), _ranks(y)

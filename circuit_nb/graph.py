@@ -18,7 +18,7 @@ from fastcore.basics import patch
 from transformer_lens import HookedTransformer
 
 from .adapter import TransformerLensAdapter
-from .checks import check_patchable
+from .checks import check_bool, check_int, check_number, check_patchable, check_prune_scores
 from .types import *
 
 # %% auto #0
@@ -29,28 +29,6 @@ __all__ = ['HARD_CONCRETE_STRETCH', 'HARD_CONCRETE_TEMPERATURE', 'OUT_SLICES', '
            'out_slice_logits', 'edge_counts_from', 'edge_counts_util', 'draw_graph']
 
 # %% ../nbs/01_graph.ipynb #e8ebc2b1
-def _check_bool(value, name: str, allow_none: bool = False):
-    "`value` if it is True or False (or None, when allowed); else a `TypeError` naming `name`."
-    if isinstance(value, bool) or (value is None and allow_none): return value
-    raise TypeError(f"{name} must be True or False{' or None' if allow_none else ''}, not {value!r}")
-
-def _check_int(value, name: str, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
-    "`value` as an int if it is an integer (not a bool) in [minimum, maximum]; else a `TypeError`/`ValueError` naming `name`."
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__} {value!r}")
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise ValueError(f"{name} must be an int in [{minimum if minimum is not None else '-inf'}, "
-                         f"{maximum if maximum is not None else 'inf'}], not {value}")
-    return int(value)
-
-def _check_real(value, name: str) -> float:
-    "`value` as a float if it is a finite real number (a one-element tensor too, not a bool); else a `TypeError`/`ValueError` naming `name`."
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex and value.dtype != t.bool: value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, not {type(value).__name__} {value!r}")
-    if not math.isfinite(value): raise ValueError(f"{name} must be finite, not {value}")
-    return float(value)
-
 def _check_tokens(model, tokens, name: str = "tokens") -> Tensor:
     "`tokens` if it is a `[batch, seq]` integer tensor of ids below the model's vocabulary size; else a `TypeError`/`ValueError` naming `name`."
     if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == t.bool:
@@ -139,7 +117,7 @@ def graph_edges(model: HookedTransformer, # the model whose graph to build
                 seq_len: Optional[int] = None, # one edge per token position when set
                ) -> Tuple[Set[Node], Set[SrcNode], Set[DestNode], Dict[Optional[int], List[Edge]], EdgeSet, int, Optional[int]]:
     "The graph of `model`: `(nodes, srcs, dests, edge_dict, edges, seq_dim, seq_len)`; `edge_dict` maps position to edges."
-    _check_bool(factorized, "factorized"); _check_bool(separate_qkv, "separate_qkv", allow_none=True)
+    check_bool("factorized", factorized); check_bool("separate_qkv", separate_qkv, allow_none=True)
     if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 1):
         raise (ValueError if isinstance(seq_len, numbers.Integral) and not isinstance(seq_len, bool) else TypeError)(
             f"seq_len must be a positive int or None, not {seq_len!r}")
@@ -759,7 +737,7 @@ def find_edge(self: PatchableModel, name: str, seq_idx: Optional[int] = None) ->
 @patch
 def new_prune_scores(self: PatchableModel, init_val: float = 0.0) -> PruneScores:
     "Scores shaped like the masks (without a per-prompt axis), filled with `init_val`."
-    init_val = _check_real(init_val, "init_val")
+    init_val = check_number("init_val", init_val)
     return {w.module_name: t.full(w.mask_shape, init_val, device=w.patch_mask.device) for w in self.dest_wrappers}
 
 @patch
@@ -970,7 +948,7 @@ def source_outputs(model: PatchableModel, # the wrapped model
 def set_all_masks(model: PatchableModel, # the wrapped model
                   val: float): # the value every mask takes (a finite number)
     "Fill every mask with `val`."
-    val = _check_real(val, "val")
+    val = check_number("val", val)
     with t.no_grad():
         for m in check_patchable(model).patch_masks.values(): m.fill_(val)
 
@@ -1003,7 +981,7 @@ def circuit_prune_scores(self: PatchableModel,
     else:
         if not isinstance(edge_dict, Mapping): raise TypeError(f"edge_dict must be a dict of edge (or name) -> score, not {type(edge_dict).__name__}")
         for key, value in edge_dict.items():
-            value = _check_real(value, f"edge_dict[{key!r}]")
+            value = check_number(f"edge_dict[{key!r}]", value)
             for e in resolve_edges(self, [key], "edge_dict"): scores[e.dest.module_name][e.patch_idx] = value
     return {n: s.bool() for n, s in scores.items()} if bool else scores
 
@@ -1033,7 +1011,7 @@ class MaskParameters(dict):
 def train_mask_mode(model: PatchableModel, # the wrapped model
                     requires_grad: bool = True): # whether the masks require gradients in the block
     "Make the masks require gradients (or not) and be sampled (the wrappers in training mode, the model in eval mode); yield them by destination module name as a `MaskParameters`, which sums their gradients."
-    _check_bool(requires_grad, "requires_grad")
+    check_bool("requires_grad", requires_grad)
     with _restoring_masks(check_patchable(model)) as masks:
         params = MaskParameters(masks)
         for m in masks.values(): m.requires_grad_(requires_grad); m.grad = None
@@ -1053,7 +1031,7 @@ def mask_fn_mode(model: PatchableModel, # the wrapped model
     "Apply `mask_fn` (None, 'hard_concrete' or 'sigmoid') and mask dropout to the masks while patching."
     check_patchable(model)
     check_option("mask_fn", mask_fn, [None, "hard_concrete", "sigmoid"])
-    dropout_p = _check_real(dropout_p, "dropout_p")
+    dropout_p = check_number("dropout_p", dropout_p)
     if not 0 <= dropout_p < 1: raise ValueError(f"dropout_p must be in [0, 1), not {dropout_p}")
     state = model.patch_state
     saved = state.mask_fn, state.dropout_p
@@ -1068,7 +1046,7 @@ def set_mask_batch_size(model: PatchableModel, # the wrapped model
     "Give each of `batch_size` prompts its own masks (None: shared masks, no change); a batch `k` times larger gives each group of `k` consecutive prompts its own."
     check_patchable(model)
     if batch_size is None: yield; return
-    batch_size = _check_int(batch_size, "batch_size", 1)
+    batch_size = check_int("batch_size", batch_size, 1)
     wrappers = model.dest_wrappers
     if any(w.patch_mask.shape != w.mask_shape for w in wrappers): raise ValueError("the masks already have a batch axis")
     saved = [w.patch_mask for w in wrappers]
@@ -1111,7 +1089,7 @@ def edge_counts_from(test_counts: Sequence[Union[int, float]], # circuit sizes: 
                      name: str = "test_counts", # the parameter's name, for messages
                     ) -> List[int]:
     "The numbers of edges `test_counts` names, in its order: an int is a count in [0, n_edges], a float a fraction in [0.0, 1.0] of all edges, rounded down as auto-circuit does, `int(n_edges * f)` (so 1 is one edge and 1.0 every edge). A `TypeError`/`ValueError` naming `name` otherwise."
-    n_edges = _check_int(n_edges, "n_edges", 0)
+    n_edges = check_int("n_edges", n_edges, 0)
     if isinstance(test_counts, (str, bytes)) or not isinstance(test_counts, (list, tuple, range)):
         raise TypeError(f"{name} must be a list of edge counts (ints) or fractions of all edges (floats), not {type(test_counts).__name__}")
     counts = []
@@ -1138,7 +1116,7 @@ def edge_counts_util(edges: Collection[Edge], # the graph's edges (only their nu
     if not hasattr(edges, "__len__") or isinstance(edges, (str, bytes, numbers.Number)):
         raise TypeError(f"edges must be the graph's edges (model.edges), not {type(edges).__name__}")
     n_edges = len(edges)
-    _check_bool(zero_edges, "zero_edges", allow_none=True); _check_bool(all_edges, "all_edges", allow_none=True)
+    check_bool("zero_edges", zero_edges, allow_none=True); check_bool("all_edges", all_edges, allow_none=True)
     if test_counts is None:
         test_counts = EdgeCounts.LOGARITHMIC if n_edges > 200 else EdgeCounts.ALL
         if prune_scores is not None and len(_score_groups(prune_scores)) < min(n_edges / 2, 100):
@@ -1154,19 +1132,10 @@ def edge_counts_util(edges: Collection[Edge], # the graph's edges (only their nu
     for count, wanted in ((0, zero_edges), (n_edges, all_edges)):
         if wanted if wanted is not None else many: counts.add(count)
         else: counts.discard(count)  # two counts or fewer: a binary circuit, tested alone (as auto-circuit)
-    if true_edge_count is not None: counts.add(_check_int(true_edge_count, "true_edge_count", 0, n_edges))
+    if true_edge_count is not None: counts.add(check_int("true_edge_count", true_edge_count, 0, n_edges))
     return sorted(counts)
 
 # %% ../nbs/01_graph.ipynb #8dfe25eb
-def _check_scores_fit(model: PatchableModel, prune_scores, name: str = "prune_scores"):
-    "Raise a `TypeError`/`ValueError` naming `name` unless `prune_scores` has a finite tensor shaped like each of the model's masks."
-    if not isinstance(prune_scores, Mapping): raise TypeError(f"{name} must be a dict of destination module name -> tensor, not {type(prune_scores).__name__}")
-    for w in model.dest_wrappers:
-        s = prune_scores.get(w.module_name)
-        if not isinstance(s, Tensor): raise ValueError(f"{name} has no tensor for {w.module_name} (expected shape {w.mask_shape})")
-        if tuple(s.shape) != w.mask_shape: raise ValueError(f"{name}[{w.module_name!r}] is shaped {tuple(s.shape)}, expected {w.mask_shape}")
-        if s.is_floating_point() and not t.isfinite(s).all(): raise ValueError(f"{name}[{w.module_name!r}] holds non-finite scores")
-
 def draw_graph(model: PatchableModel, # the wrapped model
                prune_scores: Optional[PruneScores] = None, # edge scores; None draws every edge
                top_k: Optional[int] = None, # draw only the top_k edges by |score|
@@ -1176,10 +1145,10 @@ def draw_graph(model: PatchableModel, # the wrapped model
     "Draw the model's graph (or its highest-scoring edges) with matplotlib; return the Axes."
     import matplotlib.pyplot as plt
     check_patchable(model)
-    if top_k is not None: top_k = _check_int(top_k, "top_k", 0)
-    if prune_scores is not None: _check_scores_fit(model, prune_scores)
+    if top_k is not None: top_k = check_int("top_k", top_k, 0)
+    if prune_scores is not None: check_prune_scores(model, prune_scores)
     if seq_idx is not None and model.seq_len is None: raise ValueError("seq_idx is for graphs with positions (seq_len set); this one has none")
-    if seq_idx is not None: _check_int(seq_idx, "seq_idx", 0, model.seq_len - 1)
+    if seq_idx is not None: check_int("seq_idx", seq_idx, 0, model.seq_len - 1)
     edges = [e for e in model.edges if e.seq_idx in ((None, 0) if seq_idx is None else (seq_idx,))]
     if prune_scores is not None:
         scored = sorted(((e.prune_score(prune_scores).item(), e) for e in edges), key=lambda se: -abs(se[0]))

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Iterable, Optional
 
 from tqdm.auto import tqdm
+from .checks import check_bool
 
 # %% auto #0
 __all__ = ['progress', 'show_progress']
@@ -26,7 +27,7 @@ def progress(iterable: Iterable, # what to loop over
 class show_progress:
     "Switch progress bars on or off: for good when called, or for a `with` block."
     def __init__(self, enabled: bool = True):
-        if not isinstance(enabled, bool): raise TypeError(f"enabled must be True or False, not {enabled!r}")
+        check_bool("enabled", enabled)
         self.previous, _enabled[0] = _enabled[0], enabled
     def __enter__(self): return self
     def __exit__(self, *exc): _enabled[0] = self.previous

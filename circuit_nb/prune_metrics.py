@@ -9,8 +9,8 @@ from typing import Callable, Dict, List, Tuple, Union
 import torch as t
 from torch import Tensor
 
-from .checks import check_finite
-from .circuits import CircuitOutputs, FAITHFULNESS_MEASURES, _check_flag, _kl_per_prompt, prompt_measures
+from .checks import check_bool, check_finite
+from .circuits import CircuitOutputs, FAITHFULNESS_MEASURES, _kl_per_prompt, prompt_measures
 from .data import PromptDataLoader, PromptPairBatch, _check_answers, answer_means, batch_answer_diffs
 from .graph import PatchableModel
 from .types import check_option
@@ -41,7 +41,7 @@ def measure_kl_div(model: PatchableModel, # the model `circuit_outs` were comput
                   ) -> Measurements:
     "The mean KL divergence (nats) of each circuit's output distribution from the full model's: `[(edge count, KL), ...]`."
     values = prompt_measures(model, dataloader, circuit_outs, _kl_per_prompt, "the KL divergence",
-                             "clean" if _check_flag("compare_to_clean", compare_to_clean) else "corrupt")
+                             "clean" if check_bool("compare_to_clean", compare_to_clean) else "corrupt")
     return [(count, max(kl, 0.0)) for count, kl in _means(values)]
 
 # %% ../nbs/08a_prune_metrics.ipynb #c8a0000d
@@ -72,7 +72,7 @@ def answer_diff_percent(model: PatchableModel, # the model `circuit_outs` were c
     means, stds, points = [], [], []
     for count, d in diffs.items():
         d = d.double()
-        if _check_flag("diff_of_means", diff_of_means):
+        if check_bool("diff_of_means", diff_of_means):
             percent = check_finite(100 * d[:, 0].mean() / d[:, 1].mean(), f"the answer difference percentage of the circuit of {count} edges")
             means.append((count, percent.item())); stds.append((count, 0.0)); points.append((count, t.tensor([])))
         else:
@@ -98,7 +98,7 @@ def measure_answer_val(model: PatchableModel, # the model `circuit_outs` were co
                       ) -> Measurements:
     "The mean over prompts of each prompt's mean value at its answers: `[(edge count, value), ...]`."
     f = _prob_func(prob_func)
-    which, what = ("wrong_answers", "wrong answers") if _check_flag("wrong_answer", wrong_answer) else ("answers", "answers")
+    which, what = ("wrong_answers", "wrong answers") if check_bool("wrong_answer", wrong_answer) else ("answers", "answers")
     return _means(prompt_measures(model, test_loader, circuit_outs,
                                   lambda vals, full, batch: answer_means(f(vals), getattr(batch, which), what),
                                   f"the {what}' {prob_func}", compare_to=None))
@@ -120,7 +120,7 @@ def measure_correct_ans_percent(model: PatchableModel, # the model `pruned_outs`
                                 out_of_correct_and_incorrect_answers: bool = False, # compare with the wrong answers only, not the whole vocabulary
                                ) -> Measurements:
     "The percentage of prompts whose top token is an answer (or whose answer beats the wrong answers): `[(edge count, %), ...]`."
-    if _check_flag("out_of_correct_and_incorrect_answers", out_of_correct_and_incorrect_answers):
+    if check_bool("out_of_correct_and_incorrect_answers", out_of_correct_and_incorrect_answers):
         measure, what = (lambda vals, full, batch: 100 * _answer_beats_wrong(vals, batch)), "the correct-over-incorrect percentage"
     else: measure, what = FAITHFULNESS_MEASURES["correct_percent"], "the correct-answer percentage"
     return _means(prompt_measures(model, dataloader, pruned_outs, measure, what, compare_to=None))

@@ -13,7 +13,7 @@ import torch as t
 from torch import Tensor, nn
 from torch.nn.functional import log_softmax
 
-from .checks import check_autograd, check_finite, check_int, check_loader, check_number, check_patchable
+from .checks import check_autograd, check_bool, check_finite, check_int, check_loader, check_number, check_patchable
 from .data import (BatchKey, PromptDataLoader, PromptPairBatch, answer_means, batch_answer_diff_percents,
                              batch_avg_answer_val, correct_answer_proportion, multibatch_kl_div, src_ablations)
 from .graph import (HARD_CONCRETE_STRETCH, HARD_CONCRETE_TEMPERATURE, PatchableModel, draw_graph, resolve_edges,
@@ -201,7 +201,7 @@ def _check_sp_args(model, dataloader, learning_rate, epochs, regularize_lambda, 
     if check_number("dropout_p", dropout_p, lo=0) >= 1: raise ValueError(f"dropout_p must be < 1, not {dropout_p}")
     check_number("init_val", init_val)
     if circuit_size is not None: check_int("circuit_size", circuit_size, lo=1)
-    if not isinstance(tree_optimisation, bool): raise TypeError(f"tree_optimisation must be True or False, not {tree_optimisation!r}")
+    check_bool("tree_optimisation", tree_optimisation)
     check_number("avoid_lambda", avoid_lambda, lo=0)
     check_option("faithfulness_target", faithfulness_target, SP_FAITHFULNESS_TARGETS)
 
@@ -326,7 +326,7 @@ def subnetwork_probing_prune_scores(model: PatchableModel, # the wrapped model (
                                     validation_dataloader: Optional[PromptDataLoader] = None, # also track faithfulness on these (shuffle=False)
                                    ) -> PruneScores:
     "Subnetwork probing scores: the learned gates, shifted to >= 0, the circuit's edges highest."
-    if not isinstance(show_train_graph, bool): raise TypeError(f"show_train_graph must be True or False, not {show_train_graph!r}")
+    check_bool("show_train_graph", show_train_graph)
     result = train_subnetwork_probe(model, dataloader, learning_rate, epochs, regularize_lambda, mask_fn, dropout_p, init_val,
                                 circuit_size, tree_optimisation, avoid_edges, avoid_lambda, faithfulness_target,
                                 validation_dataloader)
