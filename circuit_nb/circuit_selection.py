@@ -40,6 +40,8 @@ def on_path_edges(model: PatchableModel, # the wrapped model (factorized graph)
     """The edges of `edges` that lie on a path from the input (`Resid Start`) to the logits (`Resid End`) using only
     `edges`, with positions merged (see above): EAP-IG's `prune`. A `ValueError` for an unfactorized graph or a foreign edge."""
     _check_factorized(model)
+    if isinstance(edges, (str, Edge)) or not hasattr(edges, "__iter__"):
+        raise TypeError(f"edges must be a collection of the model's Edges, not {type(edges).__name__}")
     edges = list(edges)
     for e in edges:
         if not isinstance(e, Edge) or e not in model.edges: raise ValueError(f"edges: {e!r} is not an edge of the model's graph")

@@ -16,7 +16,7 @@ from .circuit_selection import SELECTIONS, run_selected_circuits
 from .circuits import MIB_FRACTIONS, PatchType, mib_faithfulness, prompt_measures, run_circuits
 from .data import batch_answer_diffs
 from .evaluate import edge_auroc
-from .graph import PatchableModel, resolve_edges
+from .graph import PatchableModel, resolve_edges, set_masks
 from .types import *
 from .zoo import ZooTask
 
@@ -111,7 +111,7 @@ def compare_methods(task_or_model: Union[ZooTask, PatchableModel], # a zoo task 
                     methods: Dict[str, Callable], # name -> f(model, dataloader, official_edges) -> PruneScores
                     loader=None, # the prompts the methods score on (a task: its train loader)
                     true_edges=None, # the known circuit, edge names or `Edge`s (a task: its true edges); None: no AUROC
-                    sizes: Sequence[int] = (5, 10, 20), # circuit sizes n for the `recovered@n` columns
+                    sizes: Optional[Sequence[int]] = None, # circuit sizes n for the `recovered@n` columns (None: 5, 10, 20, those the graph has)
                     eval_loader=None, # the prompts circuits are evaluated on (a task: its test loader; else `loader`)
                     selection: Optional[str] = None, # circuits of the fixed sizes: raw top n (None), "topn" or "greedy"
                     fractions: Sequence[float] = MIB_FRACTIONS, # MIB's circuit sizes for CPR / CMD
@@ -133,13 +133,18 @@ def compare_methods(task_or_model: Union[ZooTask, PatchableModel], # a zoo task 
     if not isinstance(methods, dict) or not methods: raise ValueError("methods must be a non-empty dict of name -> callable")
     for name, f in methods.items():
         if not callable(f): raise TypeError(f"methods[{name!r}] must be a callable (model, dataloader, official_edges) -> PruneScores")
+    if sizes is None: sizes = [n for n in (5, 10, 20) if n <= model.n_edges]  # a small graph gets the sizes it has
     if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"): raise TypeError("sizes must be a list of edge counts")
     sizes = sorted({check_int("sizes", n, 0, model.n_edges) for n in sizes})
     official = _official_edges(model, true_edges)
     rows = []
     for name, method in methods.items():
         start = time.perf_counter()
-        scores = method(model, loader, official)
+        masks = {n: m.detach().clone() for n, m in model.patch_masks.items()}
+        try: scores = method(model, loader, official)
+        except Exception as e:
+            e.add_note(f"(raised by the method {name!r} that compare_methods was running)"); raise
+        finally: set_masks(model, masks)  # a method that leaves masks set must not change the next one's model
         seconds = time.perf_counter() - start
         check_prune_scores(model, scores, f"the scores of method {name!r}")
         mib = mib_faithfulness(model, eval_loader, scores, fractions, ablation_type)
