@@ -7,14 +7,16 @@ __version__ = "0.1.0"
 __all__ = []
 
 # %% ../nbs/99_api.ipynb #fc5044ba
+from importlib.metadata import version as _version
+
 from .types import *
 from .checks import *
 from .tensor_ops import *
 from .adapter import *
+from .hf_adapter import *
 from .progress_bars import *
 from .graph import *
 from .data import *
-from .loading import *
 from .mask_gradients import *
 from .edge_attribution_patching import *
 from .eap_ig import *
@@ -30,6 +32,13 @@ from .acdc import *
 from .storage import *
 from .zoo import *
 from .compare import *
-from . import types, checks, tensor_ops, adapter, progress_bars, graph, data, loading, mask_gradients, edge_attribution_patching, eap_ig, subnetwork_probing, evaluate, baselines, circuits, circuit_selection, prune_metrics, draw, exact_patching, acdc, storage, zoo, compare
+from . import types, checks, tensor_ops, adapter, hf_adapter, progress_bars, graph, data, mask_gradients, edge_attribution_patching, eap_ig, subnetwork_probing, evaluate, baselines, circuits, circuit_selection, prune_metrics, draw, exact_patching, acdc, storage, zoo, compare
 
-__all__ = [name for module in (types, checks, tensor_ops, adapter, progress_bars, graph, data, loading, mask_gradients, edge_attribution_patching, eap_ig, subnetwork_probing, evaluate, baselines, circuits, circuit_selection, prune_metrics, draw, exact_patching, acdc, storage, zoo, compare) for name in module.__all__]
+_modules = [types, checks, tensor_ops, adapter, hf_adapter, progress_bars, graph, data, mask_gradients, edge_attribution_patching, eap_ig, subnetwork_probing, evaluate, baselines, circuits, circuit_selection, prune_metrics, draw, exact_patching, acdc, storage, zoo, compare]
+if int(_version('transformer-lens').split('.')[0]) < 4:  # TransformerLens 3: its HookedTransformer adapter and loader
+    from circuit_nb.tl_adapter import *
+    from circuit_nb.loading import *
+    from circuit_nb import tl_adapter, loading
+    _modules += [tl_adapter, loading]
+
+__all__ = [name for module in _modules for name in module.__all__]

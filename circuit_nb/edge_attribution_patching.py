@@ -11,7 +11,7 @@ import torch as t
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from .adapter import TransformerLensAdapter
+from .tl_adapter import TransformerLensAdapter
 from .checks import check_autograd, check_bool, check_finite, check_loader, check_patchable
 from .data import PromptDataLoader, batch_avg_answer_diff, batch_avg_answer_val
 from .graph import PatchableModel

@@ -15,9 +15,8 @@ from typing import Collection, Dict, Iterable, List, Mapping, Optional, Sequence
 import torch as t
 from torch import Tensor, nn
 from fastcore.basics import patch
-from transformer_lens import HookedTransformer
 
-from .adapter import TransformerLensAdapter
+from .adapter import adapter_for
 from .checks import check_bool, check_int, check_number, check_patchable, check_prune_scores
 from .types import *
 
@@ -41,7 +40,7 @@ def _check_tokens(model, tokens, name: str = "tokens") -> Tensor:
     return tokens
 
 # %% ../nbs/01_graph.ipynb #3f864b96
-def _factorized_nodes(adapter: TransformerLensAdapter, separate_qkv: bool) -> Tuple[List[SrcNode], List[DestNode]]:
+def _factorized_nodes(adapter, separate_qkv: bool) -> Tuple[List[SrcNode], List[DestNode]]:
     "Sources and destinations of the factorized graph, sources in `src_idx` order."
     srcs = [SrcNode("Resid Start", adapter.resid_start, 0, weight=adapter.embed_weight, src_idx=0)]
     dests, letters = [], ("Q", "K", "V") if separate_qkv else (None,)
@@ -53,10 +52,10 @@ def _factorized_nodes(adapter: TransformerLensAdapter, separate_qkv: bool) -> Tu
             for letter in letters:
                 dests.append(DestNode(f"A{b}.{h}" + (f".{letter}" if letter else ""), adapter.head_in(b, letter),
                                       attn_layer, head_idx=h, head_dim=adapter.head_axis,
-                                      weight=adapter.head_in_weight(b, letter), weight_head_dim=0, max_src_idx=n_before_attn))
+                                      weight=adapter.head_in_weight(b, letter), weight_head_dim=adapter.weight_head_dim, max_src_idx=n_before_attn))
         for h in range(adapter.n_heads):
             srcs.append(SrcNode(f"A{b}.{h}", adapter.head_out(b), attn_layer, head_idx=h, head_dim=adapter.head_axis,
-                                weight=adapter.head_out_weight(b), weight_head_dim=0, src_idx=len(srcs)))
+                                weight=adapter.head_out_weight(b), weight_head_dim=adapter.weight_head_dim, src_idx=len(srcs)))
         if adapter.has_mlp:
             n_before_mlp = n_before_attn if adapter.parallel_attn_mlp else len(srcs)
             dests.append(DestNode(f"MLP {b}", adapter.mlp_in(b), mlp_layer, weight=adapter.mlp_in_weight(b),
@@ -68,7 +67,7 @@ def _factorized_nodes(adapter: TransformerLensAdapter, separate_qkv: bool) -> Tu
     return srcs, dests
 
 # %% ../nbs/01_graph.ipynb #8fb5e4bf
-def _residual_nodes(adapter: TransformerLensAdapter) -> Tuple[List[SrcNode], List[DestNode]]:
+def _residual_nodes(adapter) -> Tuple[List[SrcNode], List[DestNode]]:
     "Sources and destinations of the unfactorized graph, sources in `src_idx` order."
     srcs = [SrcNode("Resid Start", adapter.resid_start, 0, weight=adapter.embed_weight, src_idx=0)]
     dests, layers = [], count(1)
@@ -78,7 +77,7 @@ def _residual_nodes(adapter: TransformerLensAdapter) -> Tuple[List[SrcNode], Lis
         layer = next(layers)
         for h in range(adapter.n_heads):
             add_src(f"A{b}.{h}", adapter.head_out(b), layer, head_idx=h, head_dim=adapter.head_axis,
-                    weight=adapter.head_out_weight(b), weight_head_dim=0)
+                    weight=adapter.head_out_weight(b), weight_head_dim=adapter.weight_head_dim)
         if adapter.has_mlp and not adapter.parallel_attn_mlp:
             layer = next(layers)
             dests.append(DestNode(f"Resid Mid {b}", adapter.resid_mid(b), layer, min_src_idx=first_src, max_src_idx=len(srcs)))
@@ -111,7 +110,7 @@ class EdgeSet(abc.Set):
     def __repr__(self): return f"EdgeSet({self._len} edges)"
 
 # %% ../nbs/01_graph.ipynb #c9a8432e
-def graph_edges(model: HookedTransformer, # the model whose graph to build
+def graph_edges(model: nn.Module, # the model whose graph to build (TransformerLens or Hugging Face, see `adapter_for`)
                 factorized: bool, # edges between every pair of layers (True) or node ablation (False)
                 separate_qkv: Optional[bool] = None, # separate Q, K, V destinations per head (factorized only; default True)
                 seq_len: Optional[int] = None, # one edge per token position when set
@@ -122,11 +121,15 @@ def graph_edges(model: HookedTransformer, # the model whose graph to build
         raise (ValueError if isinstance(seq_len, numbers.Integral) and not isinstance(seq_len, bool) else TypeError)(
             f"seq_len must be a positive int or None, not {seq_len!r}")
     seq_len = None if seq_len is None else int(seq_len)
-    adapter = TransformerLensAdapter(model)
-    if seq_len is not None and model.cfg.positional_embedding_type in ("standard", "shortformer") and seq_len > model.cfg.n_ctx:
-        raise ValueError(f"seq_len={seq_len} is longer than the model's context (n_ctx={model.cfg.n_ctx})")
+    adapter = adapter_for(model)
+    cfg = adapter.cfg
+    if seq_len is not None and cfg.positional_embedding_type in ("standard", "shortformer") and seq_len > cfg.n_ctx:
+        raise ValueError(f"seq_len={seq_len} is longer than the model's context (n_ctx={cfg.n_ctx})")
     if factorized: srcs, dests = _factorized_nodes(adapter, True if separate_qkv is None else separate_qkv)
     elif separate_qkv: raise ValueError("separate_qkv=True needs factorized=True: the unfactorized graph has no head inputs")
+    elif not adapter.has_residual_nodes:
+        raise NotImplementedError(f"factorized=False: {type(model).__name__} has no activations of the residual stream between its "
+                                  "attention and its MLP, which node ablation patches; use factorized=True")
     else: srcs, dests = _residual_nodes(adapter)
     pair_srcs = [s for d in dests for s in srcs[d.min_src_idx:d.max_src_idx]]
     pair_dests = [d for d in dests for _ in range(d.n_srcs)]
@@ -265,7 +268,7 @@ def hard_concrete(log_alpha: Tensor, # the gate's location parameter (the learne
 # %% ../nbs/01_graph.ipynb #95e31791
 class PatchState:
     "What the wrappers of one model share: ablation values, this forward pass's source outputs, mask options."
-    def __init__(self, n_srcs: int, seq_len: Optional[int], adapter: TransformerLensAdapter,
+    def __init__(self, n_srcs: int, seq_len: Optional[int], adapter, # the model family's adapter (`adapter_for`)
                  sources_sum_to_stream: bool = False): # each destination's sources add up to its input (factorized graphs)
         self.n_srcs, self.seq_len, self.adapter, self.model = n_srcs, seq_len, adapter, adapter.model
         self.patch_src_outs: Optional[Tensor] = None  # [n_srcs, batch, seq, d_model] while patching
@@ -567,17 +570,17 @@ def _projection_input(state: PatchState, block: int, letter: str, normalized: Te
 # %% ../nbs/01_graph.ipynb #60faf91a
 class _Patching:
     "What `make_model_patchable` did to a model, and how to undo it."
-    def __init__(self, wrappers, state, handles, saved_flags, adapter):
-        self.wrappers, self.state, self.handles, self.saved_flags, self.adapter = wrappers, state, handles, saved_flags, adapter
+    def __init__(self, wrappers, state, handles, adapter):
+        self.wrappers, self.state, self.handles, self.adapter = wrappers, state, handles, adapter
 
     def undo(self):
         for h in self.handles: h.remove()
-        self.adapter.set_flags(self.saved_flags)
+        self.adapter.release()
 
 _WRAPPED = weakref.WeakKeyDictionary()  # model -> its PatchableModel, to refuse wrapping twice
 
 # %% ../nbs/01_graph.ipynb #44c7de25
-def make_model_patchable(model: HookedTransformer, # the model to wrap, in place
+def make_model_patchable(model: nn.Module, # the model to wrap, in place
                          factorized: bool, # which graph the nodes come from (see `graph_edges`)
                          src_nodes: Set[SrcNode], # the graph's sources
                          nodes: Set[Node], # all of the graph's nodes (sources and destinations)
@@ -586,8 +589,8 @@ def make_model_patchable(model: HookedTransformer, # the model to wrap, in place
                          seq_dim: Optional[int] = None, # the activations' position axis (1 for TransformerLens)
                         ) -> _Patching:
     "Register patching hooks on the hook points of `nodes`; return what was done, for `PatchableModel` to hold and undo."
-    adapter = TransformerLensAdapter(model)
-    if seq_dim not in (None, 1): raise ValueError(f"TransformerLens activations have positions on axis 1, not {seq_dim}")
+    adapter = adapter_for(model)
+    if seq_dim not in (None, 1): raise ValueError(f"activations have positions on axis 1, not {seq_dim}")
     dest_nodes = sorted((n for n in nodes if isinstance(n, DestNode)), key=lambda n: (n.layer, n.name))
     src_ranges: Dict[str, List[int]] = {}
     for s in sorted(src_nodes, key=lambda s: s.src_idx):
@@ -602,7 +605,7 @@ def make_model_patchable(model: HookedTransformer, # the model to wrap, in place
     projected = {m: adapter.head_in_letters(m) for m in dest_of} if adapter.projects_head_inputs else {}
     projected = {m: p for m, p in projected.items() if p is not None}
     wrappers = [PatchWrapper(m, state, tuple(src_ranges[m]) if m in src_ranges else None, dest_of.get(m), heads(m),
-                             projected.get(m), device, model.cfg.dtype)
+                             projected.get(m), device, adapter.cfg.dtype)
                 for m in module_names]
     src_wrappers = [w for w in wrappers if w.src_range is not None]
     for i, w in enumerate(src_wrappers): w.src_position = i
@@ -611,7 +614,7 @@ def make_model_patchable(model: HookedTransformer, # the model to wrap, in place
     [w for w in wrappers if w.is_dest][-1].is_last_dest = True
     state.src_ranges = [w.src_range for w in src_wrappers]
     _plan_stages(state, [w for w in wrappers if w.is_dest])
-    saved_flags = adapter.take_over([m for m in module_names if m not in projected], sorted({p[0] for p in projected.values()}))
+    adapter.take_over([m for m in module_names if m not in projected], sorted({p[0] for p in projected.values()}))
     handles = [adapter.add_hook(w.module_name, w.forward) for w in wrappers if not w.projected]
     handles += [adapter.add_hook(adapter.projected_head_in(w.projected[0], letter), partial(w.forward_projected, letter))
                 for w in wrappers if w.projected for letter in w.projected[1]]
@@ -619,7 +622,7 @@ def make_model_patchable(model: HookedTransformer, # the model to wrap, in place
                 for b in sorted({p[0] for p in projected.values()})]
     state.projected_by = {(w.projected[0], letter): w for w in wrappers if w.projected for letter in w.projected[1]}
     for b in sorted({p[0] for p in projected.values()}): handles += adapter.hook_projection_inputs(b, partial(_projection_input, state, b))
-    return _Patching(wrappers, state, handles, saved_flags, adapter)
+    return _Patching(wrappers, state, handles, adapter)
 
 def _plan_stages(state: PatchState, dests: List[PatchWrapper]):
     "Group destinations into stages: a block's projected head inputs, and the start of each later destination's patch."
@@ -649,7 +652,7 @@ class PatchableModel(nn.Module):
     _is_patchable_model = True  # what `check_patchable` looks for (a reloaded module's class passes too)
     def __init__(self, nodes, srcs, dests, edge_dict, edges, seq_dim, seq_len, patching: _Patching,
                  out_slice: tuple, is_factorized: bool, separate_qkv: Optional[bool], kv_caches: Optional["_SharedPrefix"],
-                 wrapped_model: HookedTransformer):
+                 wrapped_model: nn.Module):
         super().__init__()
         self.nodes, self.srcs, self.dests, self.edge_dict, self.edges = nodes, srcs, dests, edge_dict, edges
         self.seq_dim, self.seq_len, self.out_slice = seq_dim, seq_len, out_slice
@@ -658,7 +661,9 @@ class PatchableModel(nn.Module):
         self.wrapped_model, self.wrappers = wrapped_model, nn.ModuleList(patching.wrappers)
         self._patching = patching
         self._edge_name_dict = None
+        self._adapter = patching.adapter  # kept after `unwrap`, for `cfg`
 
+    cfg = property(lambda self: self._adapter.cfg, doc="The model's facts under TransformerLens' config names (`d_model`, `d_vocab`, `dtype`, ...), for every family.")
     n_edges = property(lambda self: len(self.edges))
     n_srcs = property(lambda self: len(self.srcs))
     src_wrappers = property(lambda self: [w for w in self.wrappers if w.src_range is not None])
@@ -741,7 +746,7 @@ def new_prune_scores(self: PatchableModel, init_val: float = 0.0) -> PruneScores
     return {w.module_name: t.full(w.mask_shape, init_val, device=w.patch_mask.device) for w in self.dest_wrappers}
 
 @patch
-def unwrap(self: PatchableModel) -> HookedTransformer:
+def unwrap(self: PatchableModel) -> nn.Module:
     "Remove all patching from the model and return it, computing exactly what it did before wrapping."
     if self._patching is None: raise RuntimeError("this PatchableModel was already unwrapped")
     self._patching.undo()
@@ -828,7 +833,7 @@ def _check_device(device) -> t.device:
     return device
 
 # %% ../nbs/01_graph.ipynb #dc067f56
-def patchable_model(model: HookedTransformer, # the model to wrap (in place; `.unwrap()` undoes it)
+def patchable_model(model: nn.Module, # the model to wrap, in place (`.unwrap()` undoes it): see `adapter_for` for the families
                     factorized: bool, # edges between all layers (True) or node ablation (False)
                     slice_output: OutputSlice = None, # which positions the metrics read: `model.out_slice`
                     seq_len: Optional[int] = None, # masks per token position when set
@@ -838,12 +843,12 @@ def patchable_model(model: HookedTransformer, # the model to wrap (in place; `.u
                    ) -> PatchableModel:
     "Wrap `model` for patching: build its graph, add a mask per edge and the hooks that apply them."
     if isinstance(model, PatchableModel): raise TypeError("the model is already a PatchableModel")
-    adapter = TransformerLensAdapter(model)
+    adapter = adapter_for(model)
     if model in _WRAPPED: raise ValueError("the model is already wrapped; call .unwrap() on its PatchableModel first, or wrap a copy")
     check_option("slice_output", slice_output, list(OUT_SLICES))
     if factorized and separate_qkv is None: separate_qkv = True
     nodes, srcs, dests, edge_dict, edges, seq_dim, seq_len = graph_edges(model, factorized, separate_qkv, seq_len)
-    caches = _shared_prefix(kv_caches, model.cfg)
+    caches = _shared_prefix(kv_caches, adapter.cfg)
     if caches is not None: adapter.check_kv_cache(next(iter(caches.caches.values())))  # refused at wrap time, not at the first pass
     device = _check_device(device)
     patching = make_model_patchable(model, factorized, srcs, nodes, device, seq_len, seq_dim)
