@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch as t
 from fastcore.script import call_parse, store_true
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from .circuits import PatchType, circuit_edges, edge_ranks, faithfulness_curves, plot_faithfulness, run_circuits
 from .evaluate import edge_auroc
@@ -70,8 +69,9 @@ def discover_circuit(task: str = "induction", # a zoo task, see `list_tasks()`
     return {**results, "paths": paths}
 
 # %% ../nbs/90_cli.ipynb #64784b3b
-def demo_model(seed: int = 0) -> HookedTransformer:
+def demo_model(seed: int = 0) -> "HookedTransformer":
     "A 2-layer, 4-head transformer with MLPs and LayerNorm, built from a config with random weights."
+    from transformer_lens import HookedTransformer, HookedTransformerConfig  # TransformerLens 3
     return HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=64, n_ctx=16, d_head=16, n_heads=4, d_mlp=128,
                                                      d_vocab=100, act_fn="gelu", normalization_type="LN", seed=seed))
 

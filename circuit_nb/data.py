@@ -15,7 +15,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from fastcore.basics import patch
 
-from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from .checks import check_bool, check_int, check_loader, check_patchable, check_tokens
@@ -195,7 +194,7 @@ def check_padding(self: PromptDataset,
         raise ValueError(f"{name} are padded on the left with token id {self.pad_token_id}, but the model "
                          + ("has no tokenizer" if tok is None else f"pads on the {tok.padding_side} with id {tok.pad_token_id}")
                          + ", so it would attend to the pad tokens: give it a tokenizer with that pad token and padding_side='left'")
-    from transformer_lens.utils import get_attention_mask
+    from transformer_lens.utilities import get_attention_mask
     for side in ("clean", "corrupt"):
         tokens, mask = getattr(self, f"{side}_prompts"), getattr(self, f"{side}_attention_mask")
         seen = get_attention_mask(tok, tokens, model.cfg.default_prepend_bos).to(mask.device)
@@ -452,6 +451,9 @@ def prefix_kv_cache(model: HookedTransformer, # the model the prompts are for (a
                    ) -> TransformerLensKeyValueCache:
     "A frozen TransformerLens key/value cache of `model` on `prefix`, for a batch of one: the keys and values every prompt after it attends to."
     if isinstance(model, PatchableModel): model = check_patchable(model).wrapped_model
+    try: from transformer_lens import HookedTransformer
+    except ImportError: raise NotImplementedError("prefix_kv_cache makes a TransformerLens 3 HookedTransformer's key/value cache; "
+                                                  "this TransformerLens has no HookedTransformer (4.0 removed it)") from None
     if not isinstance(model, HookedTransformer):
         raise TypeError(f"model must be a TransformerLens HookedTransformer, not {type(model).__name__}")
     ids = _token_ids(prefix, "prefix")
@@ -578,7 +580,7 @@ def _real_tokens(model: PatchableModel, tokens: Tensor) -> Tensor:
     tok = getattr(model, "tokenizer", None)
     if tok is None or tok.padding_side != "left" or tok.pad_token_id is None or not bool((tokens == tok.pad_token_id).any()):
         return t.ones_like(tokens)
-    from transformer_lens.utils import get_attention_mask
+    from transformer_lens.utilities import get_attention_mask
     return get_attention_mask(tok, tokens, model.cfg.default_prepend_bos).to(tokens.device)
 
 def _masked_sums(outs: Tensor, # [n_srcs, batch, seq, d_model] source outputs

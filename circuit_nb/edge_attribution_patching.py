@@ -9,10 +9,8 @@ from typing import Dict, List, Optional, Set
 
 import torch as t
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
-from .tl_adapter import TransformerLensAdapter
-from .checks import check_autograd, check_bool, check_finite, check_loader, check_patchable
+from .checks import check_transformer_lens_hooks, check_autograd, check_bool, check_finite, check_loader, check_patchable
 from .data import PromptDataLoader, batch_avg_answer_diff, batch_avg_answer_val
 from .graph import PatchableModel
 from .mask_gradients import _PromptWeights, _all_finite, _check_step_losses, frozen_parameters
@@ -55,6 +53,7 @@ def _dot_products(grad: Tensor, # [batch, seq, head, d_model] or [batch, seq, d_
 @contextmanager
 def hook_points_exposed(tl_model: HookedTransformer, hook_names):
     "Within the block, `tl_model` computes the activations of the hook points `hook_names`, whatever its flags were."
+    from circuit_nb.tl_adapter import TransformerLensAdapter  # TransformerLens 3 only
     adapter = TransformerLensAdapter(tl_model)
     previous = adapter.set_flags(adapter.flags_for(hook_names))
     try: yield
@@ -114,6 +113,7 @@ def edge_attribution_patching_prune_scores(model: PatchableModel, # the wrapped 
     scores are not finite."""
     check_autograd("edge_attribution_patching_prune_scores")
     check_patchable(model)
+    check_transformer_lens_hooks(model, "edge_attribution_patching_prune_scores", "mask_gradient_prune_scores(model, dataloader, None, \"logit\", \"avg_diff\" if answer_diff else \"avg_val\", mask_val=0.0)")
     check_loader(model, dataloader, same_batches=False)
     check_bool("answer_diff", answer_diff)
     srcs = sorted(model.srcs, key=lambda s: s.src_idx)

@@ -14,14 +14,20 @@ from torch import Tensor
 from torch.utils.data import Subset
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 import circuit_nb
 from .checks import check_int, check_number
 from .data import PromptDataLoader, PromptDataset
 from .graph import PatchableModel, patchable_model
 from .types import check_option
+
+def _tl3():
+    "TransformerLens 3's `HookedTransformer` and its config, which the zoo's TransformerLens models are; a clear `ImportError` under TransformerLens 4."
+    try: from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError: raise ImportError("this zoo model is a TransformerLens 3 HookedTransformer, which TransformerLens 4 removed: install "
+                                          "transformer-lens<4, or use the zoo's transformers model (task 'llama_induction')") from None
+    return HookedTransformer, HookedTransformerConfig
 
 # %% auto #0
 __all__ = ['ZOO_DIR', 'INDUCTION_BOS', 'INDUCTION_SHAPE', 'INDUCTION_FILE', 'LLAMA_INDUCTION_SHAPE', 'LLAMA_INDUCTION_FILE',
@@ -44,7 +50,7 @@ INDUCTION_SHAPE = dict(n_layers=2, n_heads=4, d_model=64, d_head=16, d_vocab=64,
 def induction_config(init_weights: bool = False, # draw random initial weights (for training); else leave them unset
                     ) -> HookedTransformerConfig:
     "The induction model's configuration: attention only, LayerNorm, learned positional embeddings."
-    return HookedTransformerConfig(**INDUCTION_SHAPE, act_fn=None, attn_only=True, normalization_type="LN",
+    return _tl3()[1](**INDUCTION_SHAPE, act_fn=None, attn_only=True, normalization_type="LN",
                                    positional_embedding_type="standard", init_weights=init_weights, device="cpu")
 
 # %% ../nbs/06_zoo.ipynb #0a3f3fbd
@@ -122,7 +128,7 @@ def train_induction_model(steps: int = 1500, # optimizer steps
     "Train the 2-layer attention-only induction model from scratch; return it and the loss of every step."
     with t.random.fork_rng():  # the initial weights come from `seed` without touching the caller's random state
         t.manual_seed(seed)
-        model = HookedTransformer(induction_config(init_weights=True))
+        model = _tl3()[0](induction_config(init_weights=True))
     losses = _train_on_repeats(model, steps, batch_size, lr, seed, log_every)
     return model.eval(), losses
 
@@ -175,7 +181,7 @@ def load_zoo_weights(model: t.nn.Module, # a freshly built model of the right sh
 # %% ../nbs/06_zoo.ipynb #4746e0c8
 def induction_model() -> HookedTransformer:
     "The 2-layer attention-only model trained by `train_induction_model`, loaded from the shipped file."
-    return load_zoo_weights(HookedTransformer(induction_config()), INDUCTION_FILE, INDUCTION_SHAPE)
+    return load_zoo_weights(_tl3()[0](induction_config()), INDUCTION_FILE, INDUCTION_SHAPE)
 
 # %% ../nbs/06_zoo.ipynb #bb53a0d0
 def induction_prompts(n_prompts: int, # how many clean/corrupt pairs
@@ -250,6 +256,7 @@ def _layout(**sizes: int) -> Tuple[Dict[str, Tensor], int]:
 # %% ../nbs/06_zoo.ipynb #5d384a87
 def _blank_model(**config) -> HookedTransformer:
     "A model without LayerNorm and without attention scaling, every parameter zero."
+    HookedTransformer, HookedTransformerConfig = _tl3()
     model = HookedTransformer(HookedTransformerConfig(**config, normalization_type=None, use_attn_scale=False,
                                                       init_weights=False, device="cpu"))
     with t.no_grad():
@@ -462,7 +469,7 @@ def _to_device(model: t.nn.Module, # a zoo model: a HookedTransformer or a trans
                device: t.device, # where it should live
               ) -> t.nn.Module:
     "`model` moved to `device`, quietly (TransformerLens' `.to` prints unless told not to)."
-    return model.to(device, print_details=False) if isinstance(model, HookedTransformer) else model.to(device)
+    return model.to(device) if isinstance(model, PreTrainedModel) else model.to(device, print_details=False)
 
 # %% ../nbs/06_zoo.ipynb #73d65ade
 def load_task(name: str, # one of `list_tasks()`
@@ -513,6 +520,7 @@ def text_model(seed: int = 0, # seeds the random weights
     "A small GPT-2-shaped `HookedTransformer` with random weights and `words_tokenizer()`, built offline."
     cfg = dict(n_layers=2, d_model=32, n_ctx=32, d_head=8, n_heads=4, d_mlp=64, act_fn="gelu_new",
                normalization_type="LN", d_vocab=len(WORDS), seed=seed, original_architecture="GPT2LMHeadModel")
+    HookedTransformer, HookedTransformerConfig = _tl3()
     model = HookedTransformer(HookedTransformerConfig(**{**cfg, **config}), tokenizer=words_tokenizer())
     return model.eval()
 
