@@ -10,9 +10,9 @@ from typing import Callable, Dict, List, Optional, Set
 import torch as t
 from torch import Tensor
 
-from .checks import check_transformer_lens_hooks, check_bool, check_finite, check_int, check_loader, check_patchable
+from .checks import check_named_hooks, check_bool, check_finite, check_int, check_loader, check_patchable
 from .data import PromptDataLoader, PromptPairBatch, batch_avg_answer_diff, batch_avg_answer_val
-from .edge_attribution_patching import _dests_by_hook, _dot_products, _source_output, hook_points_exposed
+from .edge_attribution_patching import _dests_by_hook, _dot_products, _source_outputs
 from .graph import PatchableModel
 from .mask_gradients import _PromptWeights, _all_finite, _check_step_losses, frozen_parameters
 from .progress_bars import progress
@@ -65,39 +65,39 @@ def _loss(model: PatchableModel, resid: Tensor, batch: PromptPairBatch, answer_d
 def _plain_runs(model: PatchableModel, batch: PromptPairBatch, hooks: List[str], which: List[str]) -> Dict[str, Dict[str, Tensor]]:
     "The activations at `hooks` on plain runs of the prompts in `which` ('clean'/'corrupt'), without gradients."
     caches = {}
-    tl_model = model.wrapped_model
+    adapter = model.patch_state.adapter
     for prompts in which:
         cache = caches[prompts] = {}
-        def keep(act, hook, cache=cache): cache[hook.name] = act.detach()
-        with t.no_grad(), tl_model.hooks(fwd_hooks=[(h, keep) for h in hooks]): model(getattr(batch, prompts), logits=False)
+        def keep(act, name, cache=cache): cache[name] = act.detach()
+        with t.no_grad(), adapter.hooks(fwd_hooks=[(h, keep) for h in hooks]): model(getattr(batch, prompts), logits=False)
     return caches
 
 def _stacked_pass(model: PatchableModel, batch: PromptPairBatch, steps: List[_Step], hooks: List[str], dests: List[str],
                   caches: Dict[str, Dict[str, Tensor]], grads: Dict[str, Tensor], answer_diff: bool, scale: float) -> List[Tensor]:
     """One forward and backward pass of all `steps` stacked along the batch: add `scale` × the gradients at `dests`,
     summed over the steps, into `grads`; fill `caches` from the steps that are plain runs. Returns each step's loss."""
-    tl_model, n, B = model.wrapped_model, len(steps), batch.clean.shape[0]
+    adapter, n, B = model.patch_state.adapter, len(steps), batch.clean.shape[0]
     resid_start = model.patch_state.adapter.resid_start
     tokens = t.cat([getattr(batch, s.prompts) for s in steps])
-    def interpolate(act, hook):
+    def interpolate(act, name):
         rows = act.view(n, B, *act.shape[1:])
-        if hook.name != resid_start and not any(s.hook == hook.name for s in steps):  # nothing to replace: only keep plain runs
+        if name != resid_start and not any(s.hook == name for s in steps):  # nothing to replace: only keep plain runs
             for i, s in enumerate(steps):
-                if s.plain: caches.setdefault(s.prompts, {})[hook.name] = rows[i].detach()
+                if s.plain: caches.setdefault(s.prompts, {})[name] = rows[i].detach()
             return act
-        out = rows.detach().clone() if hook.name == resid_start else rows.clone()  # the gradients start at the input
+        out = rows.detach().clone() if name == resid_start else rows.clone()  # the gradients start at the input
         for i, s in enumerate(steps):
-            if s.hook == hook.name:
-                corrupt = caches["corrupt"][hook.name] if "corrupt" in caches and hook.name in caches["corrupt"] else rows[i].detach()
-                out[i] = corrupt + s.alpha * (caches["clean"][hook.name] - corrupt)  # a constant: no gradient flows past it
-            if s.plain and hook.name in hooks: caches.setdefault(s.prompts, {})[hook.name] = out[i].detach()
+            if s.hook == name:
+                corrupt = caches["corrupt"][name] if "corrupt" in caches and name in caches["corrupt"] else rows[i].detach()
+                out[i] = corrupt + s.alpha * (caches["clean"][name] - corrupt)  # a constant: no gradient flows past it
+            if s.plain and name in hooks: caches.setdefault(s.prompts, {})[name] = out[i].detach()
         out = out.view(act.shape)
-        return out.requires_grad_(True) if hook.name == resid_start else out
-    def collect(grad, hook):
+        return out.requires_grad_(True) if name == resid_start else out
+    def collect(grad, name):
         g = grad.detach().view(n, B, *grad.shape[1:]).sum(0) * scale
-        grads[hook.name] = grads[hook.name] + g if hook.name in grads else g
+        grads[name] = grads[name] + g if name in grads else g
     fwd = [(h, interpolate) for h in dict.fromkeys([resid_start] + hooks + [s.hook for s in steps if s.hook])]
-    with tl_model.hooks(fwd_hooks=fwd, bwd_hooks=[(name, collect) for name in dests]):
+    with adapter.hooks(fwd_hooks=fwd, bwd_hooks=[(name, collect) for name in dests]):
         resid = model(tokens, logits=False)  # the final norm and unembedding only where the loss reads
         losses = [_loss(model, resid[i * B:(i + 1) * B], batch, answer_diff) for i in range(n)]
         t.stack(losses).sum().backward()
@@ -107,7 +107,6 @@ def _stacked_pass(model: PatchableModel, batch: PromptPairBatch, steps: List[_St
 def _add_batch_scores(model: PatchableModel, batch: PromptPairBatch, steps: List[_Step], steps_per_pass: int, srcs: List[SrcNode],
                       dests: Dict[str, List[DestNode]], scores: PruneScores, answer_diff: bool, weight: float) -> List[Tensor]:
     "Add `weight` × `batch`'s scores, the mean over `steps` of the gradients · (corrupt − clean source outputs), into `scores`; return each step's loss."
-    tl_model = model.wrapped_model
     src_hooks = list(dict.fromkeys(s.module_name for s in srcs))
     interpolated = list(dict.fromkeys(s.hook for s in steps if s.hook))
     # plain runs (no gradients) for what the steps neither are nor compute themselves: the sources' outputs, the interpolations' ends
@@ -116,16 +115,15 @@ def _add_batch_scores(model: PatchableModel, batch: PromptPairBatch, steps: List
     caches = _plain_runs(model, batch, list(dict.fromkeys(src_hooks + interpolated)), need)
     grads: Dict[str, Tensor] = {}
     losses = []
-    with frozen_parameters(tl_model), hook_points_exposed(tl_model, dests):
+    with frozen_parameters(model.wrapped_model):
         for start in range(0, len(steps), steps_per_pass):
             losses += _stacked_pass(model, batch, steps[start:start + steps_per_pass], src_hooks, list(dests), caches, grads,
                                     answer_diff, weight / len(steps))
     if not scores:
-        dtype, layout = t.promote_types(tl_model.cfg.dtype, t.float32), model.new_prune_scores()
+        dtype, layout = t.promote_types(model.cfg.dtype, t.float32), model.new_prune_scores()
         scores.update({name: t.zeros(layout[name].shape, dtype=dtype, device=batch.clean.device) for name in dests})
     with t.no_grad():
-        src_diffs = t.stack([_source_output(tl_model, s, caches["corrupt"][s.module_name]) - _source_output(tl_model, s, caches["clean"][s.module_name])
-                             for s in srcs])  # [n_srcs, batch, seq, d_model]
+        src_diffs = _source_outputs(model, srcs, caches["corrupt"]) - _source_outputs(model, srcs, caches["clean"])  # [n_srcs, batch, seq, d_model]
         for name, nodes in dests.items():
             if name not in grads: continue  # no gradient reached it: the loss does not depend on it
             lo, hi = nodes[0].min_src_idx, nodes[0].max_src_idx
@@ -142,7 +140,7 @@ def _gradient_average_scores(model: PatchableModel, dataloader: PromptDataLoader
                              answer_diff: bool, desc: str) -> PruneScores:
     "The scores of the method whose gradient evaluations `make_steps(model)` lists, over all batches."
     check_patchable(model)
-    check_transformer_lens_hooks(model, desc, "mask_gradient_prune_scores(model, dataloader, None, \"logit\", \"avg_diff\", "
+    check_named_hooks(model, desc, "mask_gradient_prune_scores(model, dataloader, None, \"logit\", \"avg_diff\", "
                                  "integrated_grad_samples=n) integrates over the masks")
     check_loader(model, dataloader, same_batches=False)
     check_bool("answer_diff", answer_diff)

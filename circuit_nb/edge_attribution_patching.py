@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Set
 import torch as t
 from torch import Tensor
 
-from .checks import check_transformer_lens_hooks, check_autograd, check_bool, check_finite, check_loader, check_patchable
+from .checks import check_named_hooks, check_autograd, check_bool, check_finite, check_loader, check_patchable
 from .data import PromptDataLoader, batch_avg_answer_diff, batch_avg_answer_val
 from .graph import PatchableModel
 from .mask_gradients import _PromptWeights, _all_finite, _check_step_losses, frozen_parameters
@@ -21,12 +21,11 @@ from .types import DestNode, Edge, PruneScores, SrcNode
 __all__ = ['hook_points_exposed', 'edge_attribution_patching_prune_scores']
 
 # %% ../nbs/04_edge_attribution_patching.ipynb #9c4b9b40
-def _source_output(tl_model: HookedTransformer, node: SrcNode, activation: Tensor) -> Tensor:
-    "What `node` writes into the residual stream, `[batch, seq, d_model]`, from its hook point's activation."
-    if node.module_name.endswith("attn.hook_z"):  # [batch, seq, head, d_head]: head h writes z_h @ W_O[h] (b_O is no head's)
-        W_O = tl_model.get_parameter(node.weight).select(node.weight_head_dim, node.head_idx)
-        return activation[:, :, node.head_idx] @ W_O
-    return activation[:, :, node.head_idx] if node.head_idx is not None else activation  # already in d_model
+def _source_outputs(model: PatchableModel, srcs: List[SrcNode], cache: Dict[str, Tensor]) -> Tensor:
+    "What each of `srcs` writes into the residual stream, `[source, batch, seq, d_model]`, from the activations in `cache` (by hook name)."
+    adapter, outs = model.patch_state.adapter, {}
+    for name in dict.fromkeys(s.module_name for s in srcs): outs[name] = adapter.source_output(name, cache[name])  # e.g. heads: z_h @ W_O[h]
+    return t.stack([outs[s.module_name][s.head_idx if s.head_idx is not None else 0] for s in srcs])
 
 def _dests_by_hook(model: PatchableModel) -> Dict[str, List[DestNode]]:
     "Destination nodes grouped by hook point; those of one hook point read the same sources."
@@ -63,32 +62,31 @@ def hook_points_exposed(tl_model: HookedTransformer, hook_names):
 def _add_batch_attributions(model: PatchableModel, batch, srcs: List[SrcNode], dests: Dict[str, List[DestNode]],
                             scores: PruneScores, answer_diff: bool, weight: float) -> Tensor:
     "Add `weight` × `batch`'s attribution scores into `scores` (allocating them on first use); return its loss."
-    tl_model = model.wrapped_model
+    adapter = model.patch_state.adapter
     src_hooks = list(dict.fromkeys(s.module_name for s in srcs))
     corrupt_cache: Dict[str, Tensor] = {}
     clean_cache: Dict[str, Tensor] = {}
     dest_grads: Dict[str, Tensor] = {}
     def cache_into(cache):
-        def hook_fn(act, hook): cache[hook.name] = act.detach()
+        def hook_fn(act, name): cache[name] = act.detach()
         return hook_fn
-    def start_gradients(act, hook):  # the parameters are frozen: gradients flow from the residual stream's start
+    def start_gradients(act, name):  # the parameters are frozen: gradients flow from the residual stream's start
         return act.detach().requires_grad_(True)
-    def cache_gradient(grad, hook): dest_grads[hook.name] = grad.detach()
+    def cache_gradient(grad, name): dest_grads[name] = grad.detach()
     # `model(tokens)` runs the TransformerLens model (after a KV-cached prefix, if any); outside patch mode
     # the patching hooks do nothing
-    with t.no_grad(), tl_model.hooks(fwd_hooks=[(name, cache_into(corrupt_cache)) for name in src_hooks]):
+    with t.no_grad(), adapter.hooks(fwd_hooks=[(name, cache_into(corrupt_cache)) for name in src_hooks]):
         model(batch.corrupt)
     fwd_hooks = [(srcs[0].module_name, start_gradients)] + [(name, cache_into(clean_cache)) for name in src_hooks]
-    with frozen_parameters(tl_model), hook_points_exposed(tl_model, dests), tl_model.hooks(fwd_hooks=fwd_hooks, bwd_hooks=[(name, cache_gradient) for name in dests]):
+    with frozen_parameters(model.wrapped_model), adapter.hooks(fwd_hooks=fwd_hooks, bwd_hooks=[(name, cache_gradient) for name in dests]):
         logits = model(batch.clean)[model.out_slice]
         loss = -(batch_avg_answer_diff(logits, batch) if answer_diff else batch_avg_answer_val(logits, batch))
         (loss if weight == 1.0 else loss * weight).backward()
     if not scores:
-        dtype, layout = t.promote_types(tl_model.cfg.dtype, t.float32), model.new_prune_scores()
+        dtype, layout = t.promote_types(model.cfg.dtype, t.float32), model.new_prune_scores()
         scores.update({name: t.zeros(layout[name].shape, dtype=dtype, device=logits.device) for name in dests})
     with t.no_grad():
-        src_diffs = t.stack([_source_output(tl_model, s, corrupt_cache[s.module_name]) - _source_output(tl_model, s, clean_cache[s.module_name])
-                             for s in srcs])  # [n_srcs, batch, seq, d_model]
+        src_diffs = _source_outputs(model, srcs, corrupt_cache) - _source_outputs(model, srcs, clean_cache)  # [n_srcs, batch, seq, d_model]
         for name, nodes in dests.items():
             if name not in dest_grads: continue  # no gradient reached it: the loss does not depend on it
             lo, hi = nodes[0].min_src_idx, nodes[0].max_src_idx
@@ -113,7 +111,7 @@ def edge_attribution_patching_prune_scores(model: PatchableModel, # the wrapped 
     scores are not finite."""
     check_autograd("edge_attribution_patching_prune_scores")
     check_patchable(model)
-    check_transformer_lens_hooks(model, "edge_attribution_patching_prune_scores", "mask_gradient_prune_scores(model, dataloader, None, \"logit\", \"avg_diff\" if answer_diff else \"avg_val\", mask_val=0.0)")
+    check_named_hooks(model, "edge_attribution_patching_prune_scores", "mask_gradient_prune_scores(model, dataloader, None, \"logit\", \"avg_diff\" if answer_diff else \"avg_val\", mask_val=0.0)")
     check_loader(model, dataloader, same_batches=False)
     check_bool("answer_diff", answer_diff)
     srcs = sorted(model.srcs, key=lambda s: s.src_idx)

@@ -5,6 +5,7 @@
 # %% ../nbs/00e_transformer_lens_adapter.ipynb #ee451c5b
 from __future__ import annotations
 import copy, dataclasses, operator
+from contextlib import contextmanager
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch as t
@@ -165,6 +166,20 @@ def logits(self: TransformerLensAdapter, resid: t.Tensor) -> t.Tensor:
     logits = resid @ self.model.unembed.W_U + self.model.unembed.b_U  # W_U as stored: no transposed copy of it
     cap = getattr(self.cfg, "output_logits_soft_cap", None)
     return cap * t.tanh(logits / cap) if cap is not None and cap > 0 else logits
+
+# %% ../nbs/00e_transformer_lens_adapter.ipynb #c8273d8d
+@patch
+@contextmanager
+def hooks(self: TransformerLensAdapter,
+          fwd_hooks=(), # (name, fn(activation, name) -> replacement or None) pairs
+          bwd_hooks=(), # (name, fn(gradient, name)) pairs: the gradient of the activation `name`
+         ):
+    "Within the block, call each function of `fwd_hooks` on its activation in every forward pass, and each of `bwd_hooks` on its activation's gradient."
+    previous = self.set_flags(self.flags_for([name for name, _ in bwd_hooks])) if bwd_hooks else {}  # per-head inputs computed
+    by_name = lambda fn: (lambda x, hook: fn(x, hook.name))
+    try:
+        with self.model.hooks(fwd_hooks=[(n, by_name(f)) for n, f in fwd_hooks], bwd_hooks=[(n, by_name(f)) for n, f in bwd_hooks]): yield
+    finally: self.set_flags(previous)
 
 # %% ../nbs/00e_transformer_lens_adapter.ipynb #49bcbd31
 @patch
