@@ -4,6 +4,7 @@
     python3 tasks.py run    # make the environment (once), then the main job on the shipped default
     python3 tasks.py test   # make the environment (once), then run every notebook as a test
     python3 tasks.py docs   # make the environment (once), build the rendered docs into _site/ and check every page in headless Chromium
+    python3 tasks.py test-tl4   # the same tests in a second environment with TransformerLens 4 (constraints-tl4.txt, .venv-tl4)
 
 Maintainers also have `python3 tasks.py readme` (README.md from nbs/index.ipynb, what nbdev_readme
 does where Quarto is installed) and `python3 tasks.py setup` (the environment alone).
@@ -16,9 +17,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("CIRCUIT_NB_VENV", ROOT / ".venv"))
+CONSTRAINTS = "constraints.txt"  # the tested install set: TransformerLens 3.9
+if len(sys.argv) > 1 and sys.argv[1] == "test-tl4":  # the second tested set: TransformerLens 4 and transformers 5
+    VENV, CONSTRAINTS = Path(os.environ.get("CIRCUIT_NB_VENV_TL4", ROOT / ".venv-tl4")), "constraints-tl4.txt"
 PY = VENV / "bin" / "python"
 STAMP = VENV / ".circuit_nb-installed"
-INSTALL_INPUTS = ["constraints.txt", "setup.py", "settings.ini"]
+INSTALL_INPUTS = [CONSTRAINTS, "setup.py", "settings.ini"]
 
 
 def _install_fingerprint():
@@ -38,7 +42,7 @@ def ensure_env():
             sys.exit(f"could not create a virtual environment ({e}); on Debian/Ubuntu install python3-venv")
     print("installing circuit_nb and its pinned dependencies (first run: a few minutes)", flush=True)
     pip = [str(PY), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    subprocess.run(pip + ["-c", str(ROOT / "constraints.txt"), "-e", f"{ROOT}[dev]"], check=True, cwd=ROOT)
+    subprocess.run(pip + ["-c", str(ROOT / CONSTRAINTS), "-e", f"{ROOT}[dev]"], check=True, cwd=ROOT)
     STAMP.write_text(fingerprint)
 
 
@@ -56,6 +60,9 @@ def _test_notebooks(flags=""):
     from nbdev.test import test_nb
     cfg = get_config()
     files = sorted(nbglob(cfg.nbs_path, skip_file_re="^[_.]", as_path=True))
+    skipped = [] if _has_hooked_transformer() else [f for f in files if _needs_hooked_transformer(f)]
+    for f in skipped: print(f"SKIP  {f.relative_to(cfg.config_path)}  (builds TransformerLens 3 HookedTransformers; this TransformerLens has none)", flush=True)
+    files = [f for f in files if f not in skipped]
     skip_flags = cfg.tst_flags.split()
     run_flags = flags.split()
     for f in run_flags:
@@ -67,8 +74,21 @@ def _test_notebooks(flags=""):
     for f, (ok, secs) in zip(files, results):
         print(f"{'PASS' if ok else 'FAIL'}  {f.relative_to(cfg.config_path)}  ({secs:.1f}s)", flush=True)
         passed, failed = passed + ok, failed + (not ok)
-    print(f"{passed} passed, {failed} failed")
+    print(f"{passed} passed, {failed} failed" + (f" ({len(skipped)} skipped)" if skipped else ""))
     return 0 if failed == 0 and passed > 0 else 1
+
+
+def _has_hooked_transformer() -> bool:
+    "Whether the installed TransformerLens has HookedTransformer (3.x; 4.0 removed it)."
+    from importlib.metadata import version
+    return int(version("transformer-lens").split(".")[0]) < 4
+
+
+def _needs_hooked_transformer(path) -> bool:
+    "Whether a notebook's code builds or imports TransformerLens 3's HookedTransformer."
+    import json
+    cells = json.loads(Path(path).read_text())["cells"]
+    return any("HookedTransformer" in "".join(c["source"]) for c in cells if c["cell_type"] == "code")
 
 
 def _docs(*build_args):
@@ -99,7 +119,7 @@ def main(argv):
     if cmd == "readme":
         (ROOT / "README.md").write_text(readme_text())
         return 0
-    if cmd not in ("run", "test", "setup", "docs"): sys.exit(f"unknown command {cmd!r}: use 'run' or 'test'")
+    if cmd not in ("run", "test", "test-tl4", "setup", "docs"): sys.exit(f"unknown command {cmd!r}: use 'run' or 'test'")
     ensure_env()
     if cmd == "setup": return 0
     if cmd == "docs": return _docs(*argv[2:])
