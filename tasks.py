@@ -85,10 +85,11 @@ def _has_hooked_transformer() -> bool:
 
 
 def _needs_hooked_transformer(path) -> bool:
-    "Whether a notebook's code builds or imports TransformerLens 3's HookedTransformer."
-    import json
+    "Whether a notebook's code builds or imports TransformerLens 3's HookedTransformer (or its config)."
+    import json, re
     cells = json.loads(Path(path).read_text())["cells"]
-    return any("HookedTransformer" in "".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    uses = re.compile(r"\bHookedTransformer(Config)?\s*\(|^\s*from transformer_lens import [^\n]*\bHookedTransformer", re.M)
+    return any(uses.search("".join(c["source"])) for c in cells if c["cell_type"] == "code")
 
 
 def _docs(*build_args):

@@ -189,8 +189,13 @@ def induction_prompts(n_prompts: int, # how many clean/corrupt pairs
                       seq_len: int = 20, # tokens per prompt, BOS included (at most 32, the model's context)
                       min_len: int = 5, # shortest repeated segment
                       max_len: int = 12, # longest repeated segment (at most seq_len - 3)
+                      corrupt: str = "answer", # what the corrupt prompt replaces in the first copy: the answer token, or the token "previous" to it
                      ) -> PromptDataset:
-    "Clean/corrupt pairs that end inside a repeated segment: answer the next segment token, wrong answer the token the corrupt prompt put there."
+    """Clean/corrupt pairs that end inside a repeated segment: answer the next segment token, wrong answer the token the corrupt
+    prompt put in the first copy. `corrupt="answer"` replaces the answer's first occurrence (what the induction head copies, its
+    values); `"previous"` replaces the token before it, the one the prompt's last token matches (how the induction head finds the
+    answer: K-composition with a previous-token head)."""
+    check_option("corrupt", corrupt, ["answer", "previous"])
     n_ctx, d_vocab = INDUCTION_SHAPE["n_ctx"], INDUCTION_SHAPE["d_vocab"]
     if not 3 <= min_len <= max_len <= seq_len - 3 or seq_len > n_ctx:
         raise ValueError(f"need 3 <= min_len <= max_len <= seq_len - 3 and seq_len <= {n_ctx}, "
@@ -206,8 +211,8 @@ def induction_prompts(n_prompts: int, # how many clean/corrupt pairs
     clean = t.cat([t.full((n_prompts, 1), INDUCTION_BOS), perm.gather(1, src)], 1)
     answers = perm.gather(1, repeat)
     replacement = perm.gather(1, seg_len + start)  # the first noise token not used
-    corrupt = clean.scatter(1, 1 + start + repeat, replacement)
-    return PromptDataset(clean, corrupt, answers, replacement, d_vocab=d_vocab)
+    at = 1 + start + repeat - int(corrupt == "previous")  # the answer's first occurrence, or the token before it
+    return PromptDataset(clean, clean.scatter(1, at, replacement), answers, replacement, d_vocab=d_vocab)
 
 # %% ../nbs/06_zoo.ipynb #daec6e3e
 LLAMA_INDUCTION_SHAPE = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -425,9 +430,11 @@ _TASKS: Dict[str, _TaskSpec] = {
         "layer 1 by K-composition; the exact edge set is not known.", induction_model, induction_prompts, None),
     "llama_induction": _TaskSpec(
         "Llama-shaped Hugging Face transformers model (LlamaForCausalLM: RoPE, RMSNorm, gated SiLU MLP, grouped-query "
-        "attention with 4 query heads sharing 2 key/value heads, 2 layers) trained on the induction task's data, with "
-        "its prompts. Circuit: the previous-token heads 0.0 and 0.1 (key/value head 0) feeding the induction heads "
-        "1.0-1.3 by K-composition; the exact edge set is not known.", llama_induction_model, induction_prompts, None),
+        "attention with 4 query heads sharing 2 key/value heads, 2 layers) trained on the induction task's data. The "
+        "corrupt prompt replaces the token before the answer's first occurrence, so that the prompt's last token no longer "
+        "matches it (`induction_prompts(corrupt='previous')`). Circuit: the previous-token heads 0.0 and 0.1 (key/value "
+        "head 0) feeding the induction heads 1.0-1.3 by K-composition; the exact edge set is not known.",
+        llama_induction_model, lambda n, seed: induction_prompts(n, seed, corrupt="previous"), None),
     "select": _TaskSpec(
         "Hand-built 1-layer model: the prompt holds fillers, one red and one blue token and a question (ask red / "
         "ask blue); head A0.0 copies the token of the asked colour to the logits. The corrupt prompt asks the other "
