@@ -102,8 +102,7 @@ def _train_on_repeats(model: t.nn.Module, # a freshly initialised model, trained
                      ) -> List[float]:
     "Train `model` on `repeated_segment_batch` sequences (AdamW, one-cycle schedule, loss on the predictable positions only); the loss of every step."
     check_int("steps", steps, lo=1); check_int("batch_size", batch_size, lo=1); check_int("log_every", log_every, lo=0)
-    check_number("lr", lr); check_int("seed", seed)
-    if lr <= 0: raise ValueError(f"lr must be > 0, not {lr}")
+    check_number("lr", lr, lo=0, lo_open=True); check_int("seed", seed)
     data = t.Generator().manual_seed(seed)
     opt = t.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = t.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
@@ -127,7 +126,7 @@ def train_induction_model(steps: int = 1500, # optimizer steps
                          ) -> Tuple[HookedTransformer, List[float]]:
     "Train the 2-layer attention-only induction model from scratch; return it and the loss of every step."
     with t.random.fork_rng():  # the initial weights come from `seed` without touching the caller's random state
-        t.manual_seed(seed)
+        t.manual_seed(check_int("seed", seed))
         model = _tl3()[0](induction_config(init_weights=True))
     losses = _train_on_repeats(model, steps, batch_size, lr, seed, log_every)
     return model.eval(), losses
@@ -171,11 +170,12 @@ def load_zoo_weights(model: t.nn.Module, # a freshly built model of the right sh
     if stored_shape != shape:
         raise ValueError(f"{file_name} holds a model of shape {stored_shape} but the code expects {shape}; "
                          "retrain it (see the zoo's train_*_model functions)")
-    try: missing, unexpected = model.load_state_dict(load_file(str(ZOO_DIR / file_name)), strict=False)
-    except RuntimeError as e: raise ValueError(f"{file_name} does not fit the model: {e}") from None  # a tensor of another size
-    missing = [k for k in missing if k in dict(model.named_parameters())]  # buffers (masks, rotary frequencies) are not stored
-    if missing or unexpected:
-        raise ValueError(f"{file_name} does not fit the model: missing {missing}, unexpected {unexpected}")
+    stored, params = load_file(str(ZOO_DIR / file_name)), dict(model.named_parameters())  # buffers (masks, rotary frequencies) are not stored
+    missing, unexpected = sorted(params.keys() - stored.keys()), sorted(stored.keys() - params.keys())
+    resized = [f"{k} {tuple(stored[k].shape)} != {tuple(p.shape)}" for k, p in params.items() if k in stored and stored[k].shape != p.shape]
+    if missing or unexpected or resized:  # checked before copying anything: a refused file leaves the model unchanged
+        raise ValueError(f"{file_name} does not fit the model: missing {missing}, unexpected {unexpected}, other sizes {resized}")
+    model.load_state_dict(stored, strict=False)
     return model.eval()
 
 # %% ../nbs/06_zoo.ipynb #4746e0c8
