@@ -12,7 +12,7 @@ import torch as t
 from torch import nn
 
 # %% auto #0
-__all__ = ['ADAPTERS', 'NormSpec', 'project_heads', 'normalized_projection', 'norm_vjp', 'heads_output', 'has_hooks',
+__all__ = ['ADAPTERS', 'NormSpec', 'project_heads', 'normalized_projection', 'norm_vjp', 'heads_output', 'has_hooks', 'HookNames',
            'adapter_for']
 
 # %% ../nbs/00a_model_adapter.ipynb #738564e9
@@ -86,6 +86,30 @@ def heads_output(z: t.Tensor, # [batch, seq, head, d_head]
 def has_hooks(module: nn.Module) -> bool:
     "Whether any forward, forward-pre or backward hook is registered on `module`."
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+# %% ../nbs/00a_model_adapter.ipynb #277b4183
+class HookNames:
+    "TransformerLens' names of the activations the graph reads and patches, for an adapter with `n_layers`."
+    resid_start = "blocks.0.hook_resid_pre"  # the embeddings, as the residual stream enters block 0
+    def head_out(self, block): return f"blocks.{block}.attn.hook_z"  # each head's z, [batch, seq, head, d_head]
+    def mlp_out(self, block): return f"blocks.{block}.hook_mlp_out"
+    def mlp_in(self, block): return f"blocks.{block}.hook_mlp_in"  # before the MLP's norm
+    def block_in(self, block): return f"blocks.{block}.hook_resid_pre"
+    def resid_mid(self, block): return f"blocks.{block}.hook_resid_mid"
+    def resid_post(self, block): return f"blocks.{block}.hook_resid_post"
+    resid_end = property(lambda self: self.resid_post(self.n_layers - 1))  # before the final norm
+    def projected_head_in(self, block, letter): return f"blocks.{block}.attn.hook_{letter.lower()}"  # each head's q, k or v
+
+    def head_in(self, block, letter=None):
+        "The per-head input of block `block`: of query/key/value `letter`, or shared by the three when `letter` is None."
+        return f"blocks.{block}.hook_{letter.lower()}_input" if letter else f"blocks.{block}.hook_attn_in"
+
+    def head_in_letters(self, module_name: str) -> Optional[Tuple[int, Tuple[str, ...]]]:
+        "`(block, letters)` of a per-head input name: the projections it feeds (`('Q',)`, or all three when shared); None otherwise."
+        parts = module_name.split(".")
+        if len(parts) != 3 or parts[0] != "blocks": return None
+        letters = {"hook_q_input": ("Q",), "hook_k_input": ("K",), "hook_v_input": ("V",), "hook_attn_in": ("Q", "K", "V")}.get(parts[2])
+        return None if letters is None else (int(parts[1]), letters)
 
 # %% ../nbs/00a_model_adapter.ipynb #1fb6ac88
 ADAPTERS: List[Tuple[str, str]] = [("circuit_nb.tl_adapter", "TransformerLensAdapter"),

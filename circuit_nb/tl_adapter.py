@@ -15,13 +15,13 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig  # Trans
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-from .adapter import NormSpec, has_hooks, heads_output, normalized_projection, norm_vjp
+from .adapter import HookNames, NormSpec, has_hooks, heads_output, normalized_projection, norm_vjp
 
 # %% auto #0
 __all__ = ['TransformerLensAdapter', 'unsupported_features']
 
 # %% ../nbs/00e_transformer_lens_adapter.ipynb #ff7de64e
-class TransformerLensAdapter:
+class TransformerLensAdapter(HookNames):
     "Hook names, weights and config flags of a TransformerLens `HookedTransformer`."
     head_axis, weight_head_dim = 2, 0  # heads are axis 2 of `[batch, seq, head, d_model]` hook activations and axis 0 of weights
 
@@ -38,7 +38,6 @@ class TransformerLensAdapter:
         self.model, self.cfg = model, model.cfg
         self._frozen_cfg, self._required_flags = None, ()  # set by `take_over` while the model is wrapped
 
-    resid_start = "blocks.0.hook_resid_pre"  # the embeddings, as the residual stream enters block 0
     embed_weight, unembed_weight = "embed.W_E", "unembed.W_U"
     n_layers = property(lambda self: self.cfg.n_layers)
     n_heads = property(lambda self: self.cfg.n_heads)
@@ -70,24 +69,6 @@ def unsupported_features(cfg: HookedTransformerConfig, # the model's configurati
     if cfg.positional_embedding_type not in ("standard", "rotary", "shortformer", "alibi"):
         refused.append(f"positional_embedding_type={cfg.positional_embedding_type!r} cannot be run by HookedTransformer")
     return refused
-
-# %% ../nbs/00e_transformer_lens_adapter.ipynb #7e905485
-@patch
-def head_out(self: TransformerLensAdapter, block): return f"blocks.{block}.attn.hook_z"
-@patch
-def mlp_out(self: TransformerLensAdapter, block): return f"blocks.{block}.hook_mlp_out"
-@patch
-def head_in(self: TransformerLensAdapter, block, letter=None):
-    "The per-head input of block `block`: of query/key/value `letter`, or shared when `letter` is None."
-    return f"blocks.{block}.hook_{letter.lower()}_input" if letter else f"blocks.{block}.hook_attn_in"
-@patch
-def mlp_in(self: TransformerLensAdapter, block): return f"blocks.{block}.hook_mlp_in"
-@patch
-def resid_mid(self: TransformerLensAdapter, block): return f"blocks.{block}.hook_resid_mid"
-@patch
-def resid_post(self: TransformerLensAdapter, block): return f"blocks.{block}.hook_resid_post"
-@patch(as_prop=True)
-def resid_end(self: TransformerLensAdapter): return self.resid_post(self.n_layers - 1)
 
 # %% ../nbs/00e_transformer_lens_adapter.ipynb #8907f71f
 @patch
@@ -200,19 +181,6 @@ def projects_head_inputs(self: TransformerLensAdapter) -> bool:
     cfg = self.cfg
     return (cfg.positional_embedding_type != "shortformer" and not getattr(cfg, "load_in_4bit", False)
             and cfg.original_architecture not in POST_NORM_ARCHITECTURES)
-
-@patch
-def block_in(self: TransformerLensAdapter, block): return f"blocks.{block}.hook_resid_pre"
-@patch
-def projected_head_in(self: TransformerLensAdapter, block, letter): return f"blocks.{block}.attn.hook_{letter.lower()}"
-
-@patch
-def head_in_letters(self: TransformerLensAdapter, module_name: str) -> Optional[Tuple[int, Tuple[str, ...]]]:
-    "`(block, letters)` of a per-head input hook point: the projections it feeds (`('Q',)`, or all three when shared); None otherwise."
-    parts = module_name.split(".")
-    if len(parts) != 3 or parts[0] != "blocks": return None
-    letters = {"hook_q_input": ("Q",), "hook_k_input": ("K",), "hook_v_input": ("V",), "hook_attn_in": ("Q", "K", "V")}.get(parts[2])
-    return None if letters is None else (int(parts[1]), letters)
 
 # %% ../nbs/00e_transformer_lens_adapter.ipynb #aec24943
 def _norm_spec(norm: nn.Module) -> Optional[NormSpec]:
