@@ -174,8 +174,10 @@ def head_weights(self: TransformerBridgeAdapter, block: int, letter: str, # Q, K
 
 @patch
 def out_weights(self: TransformerBridgeAdapter, block: int) -> t.Tensor:
-    "`W_O [head, d_head, d_model]`: what each head's `z` is multiplied by."
-    return _matrix(self.model.blocks[block].attn.o.original_component).T.reshape(self.n_heads, self.cfg.d_head, -1)
+    "`W_O [head, d_head, d_model]`: what each head's `z` is multiplied by (a view of the weight: no copy in every pass)."
+    projection, H, dh = self.model.blocks[block].attn.o.original_component, self.n_heads, self.cfg.d_head
+    if type(projection).__name__ == "Conv1D": return projection.weight.view(H, dh, -1)  # stored [in, out]
+    return projection.weight.view(-1, H, dh).permute(1, 2, 0)
 
 # %% ../nbs/00g_transformer_bridge_adapter.ipynb #573abfd0
 @patch
