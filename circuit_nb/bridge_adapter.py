@@ -39,6 +39,8 @@ def bridge_unsupported_features(model: TransformerBridge, # the bridge to check
     for b, block in enumerate(getattr(model, "blocks", [])):
         attn, where = getattr(block, "attn", None), f"block {b}"
         if type(block).__name__ not in _BLOCKS: reason = f"{where} is a {type(block).__name__}, whose computation circuit_nb has not checked"
+        elif (type(block).__name__ == "ParallelBlockBridge") != bool(cfg.parallel_attn_mlp):
+            reason = f"{where} is a {type(block).__name__} but cfg.parallel_attn_mlp={cfg.parallel_attn_mlp!r}: which sources its MLP reads is unclear"
         elif _parts(block) != _BLOCK_PARTS:
             post = sorted(_parts(block) - _BLOCK_PARTS)
             reason = (f"{where} has {', '.join(post) or 'no ' + ', '.join(sorted(_BLOCK_PARTS - _parts(block)))}"
