@@ -61,7 +61,7 @@ def bridge_unsupported_features(model: TransformerBridge, # the bridge to check
         refused.append("the model is quantized: head outputs are computed from the output projection's weights, which it packs")
     return refused
 
-# %% ../nbs/00g_transformer_bridge_adapter.ipynb #d939da88
+# %% ../nbs/00g_transformer_bridge_adapter.ipynb #e03a9ade
 class TransformerBridgeAdapter:
     "Patching's view of a TransformerLens 4 `TransformerBridge`: its hook points, its weights per head, and what it refuses."
     head_axis, weight_head_dim = 2, None  # heads are axis 2 of `[batch, seq, head, d_head]` activations; weights hold no head axis
@@ -87,7 +87,7 @@ class TransformerBridgeAdapter:
     n_key_value_heads = property(lambda self: self.cfg.n_key_value_heads or self.cfg.n_heads)
     parallel_attn_mlp = property(lambda self: bool(self.cfg.parallel_attn_mlp))
 
-# %% ../nbs/00g_transformer_bridge_adapter.ipynb #a08e132b
+# %% ../nbs/00g_transformer_bridge_adapter.ipynb #c999bf3c
 _HOOK_POINTS = {"hook_resid_pre": "hook_in", "hook_resid_post": "hook_out", "attn.hook_z": "attn.o.hook_in",
                 "attn.hook_q": "attn.q.hook_out", "attn.hook_k": "attn.k.hook_out", "attn.hook_v": "attn.v.hook_out",
                 "hook_mlp_in": "ln2.hook_in", "hook_mlp_out": "mlp.hook_out"}  # TransformerLens name in a block -> the bridge's hook point
@@ -102,7 +102,7 @@ def hook_point(self: TransformerBridgeAdapter, name: str # a TransformerLens hoo
         if path is not None: return self.model.blocks[int(parts[1])].get_submodule(path)
     raise KeyError(f"the TransformerBridge adapter has no hook point {name!r} (it has blocks.<b>.{', blocks.<b>.'.join(_HOOK_POINTS)})")
 
-# %% ../nbs/00g_transformer_bridge_adapter.ipynb #c999bf3c
+# %% ../nbs/00g_transformer_bridge_adapter.ipynb #b0ca453d
 for _name, _fmt in (("block_in", "blocks.{}.hook_resid_pre"), ("head_out", "blocks.{}.attn.hook_z"), ("mlp_in", "blocks.{}.hook_mlp_in"),
                     ("mlp_out", "blocks.{}.hook_mlp_out"), ("resid_post", "blocks.{}.hook_resid_post")):
     setattr(TransformerBridgeAdapter, _name, lambda self, block, _fmt=_fmt: _fmt.format(block))
@@ -123,7 +123,7 @@ def head_in_letters(self: TransformerBridgeAdapter, module_name: str) -> Optiona
     letters = {"hook_q_input": ("Q",), "hook_k_input": ("K",), "hook_v_input": ("V",), "hook_attn_in": ("Q", "K", "V")}.get(parts[2])
     return None if letters is None else (int(parts[1]), letters)
 
-# %% ../nbs/00g_transformer_bridge_adapter.ipynb #d900fb06
+# %% ../nbs/00g_transformer_bridge_adapter.ipynb #b1bc8246
 @patch
 def ungroup(self: TransformerBridgeAdapter, x: t.Tensor # [batch, seq, n_key_value_heads · d_head] keys or values
            ) -> t.Tensor:
@@ -156,7 +156,7 @@ def hook_projection_inputs(self: TransformerBridgeAdapter, block,
     attn = self.model.blocks[block].attn
     return [getattr(attn, l.lower()).hook_in.register_forward_hook(lambda module, inputs, x, l=l: fn(l, x), prepend=True) for l in "QKV"]
 
-# %% ../nbs/00g_transformer_bridge_adapter.ipynb #6439f058
+# %% ../nbs/00g_transformer_bridge_adapter.ipynb #028ad280
 def _matrix(projection: nn.Module) -> t.Tensor:
     "The weight of a `Linear` or `Conv1D` as `[out, in]`."
     return projection.weight.T if type(projection).__name__ == "Conv1D" else projection.weight
@@ -181,7 +181,7 @@ def out_weights(self: TransformerBridgeAdapter, block: int) -> t.Tensor:
     if type(projection).__name__ == "Conv1D": return projection.weight.view(H, dh, -1)  # stored [in, out]
     return projection.weight.view(-1, H, dh).permute(1, 2, 0)
 
-# %% ../nbs/00g_transformer_bridge_adapter.ipynb #573abfd0
+# %% ../nbs/00g_transformer_bridge_adapter.ipynb #9dbcba91
 @patch
 def head_out_weight(self: TransformerBridgeAdapter, block): return f"blocks.{block}.attn.o._original_component.weight"
 @patch
@@ -193,7 +193,7 @@ def mlp_out_weight(self: TransformerBridgeAdapter, block): return f"blocks.{bloc
 TransformerBridgeAdapter.embed_weight = "embed._original_component.weight"
 TransformerBridgeAdapter.unembed_weight = "unembed._original_component.weight"
 
-# %% ../nbs/00g_transformer_bridge_adapter.ipynb #276ef22f
+# %% ../nbs/00g_transformer_bridge_adapter.ipynb #0c7cfc84
 _RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")  # w · x / √(mean square + variance_epsilon)
 
 def _norm_spec(norm: nn.Module) -> Optional[NormSpec]:
@@ -231,7 +231,7 @@ def normalize_head_input(self: TransformerBridgeAdapter, block, resid: t.Tensor)
     "`ln1(resid)` as block `block`'s projections read it."
     return self.model.blocks[block].ln1.forward(resid)
 
-# %% ../nbs/00g_transformer_bridge_adapter.ipynb #cd155a55
+# %% ../nbs/00g_transformer_bridge_adapter.ipynb #f4b21078
 _FLAGS = ("use_split_qkv_input", "use_attn_in", "use_attn_result")  # each makes the bridge compute attention another way
 
 def _hook_ids(module: nn.Module) -> set:
@@ -254,7 +254,7 @@ def _computation(self: TransformerBridgeAdapter) -> tuple:
             tuple(bool(getattr(a.config, f, False)) for a in attns for f in _FLAGS),
             tuple(getattr(a.original_component, "num_key_value_groups", None) for a in attns))
 
-# %% ../nbs/00g_transformer_bridge_adapter.ipynb #618d44f9
+# %% ../nbs/00g_transformer_bridge_adapter.ipynb #487835d0
 @patch
 def take_over(self: TransformerBridgeAdapter,
               module_names: Sequence[str], # the activations patching hooks (TransformerLens names), other than projected head inputs
@@ -294,7 +294,7 @@ def check_unchanged(self: TransformerBridgeAdapter):
     raise RuntimeError("the TransformerBridge's configuration changed after it was wrapped (its shape, its key/value grouping or its "
                        f"{', '.join(_FLAGS)} flags); its graph and patching were made for the old values: unwrap it and wrap it again")
 
-# %% ../nbs/00g_transformer_bridge_adapter.ipynb #299d09a8
+# %% ../nbs/00g_transformer_bridge_adapter.ipynb #e4b1934b
 @patch
 def source_output(self: TransformerBridgeAdapter, module_name: str, activation: t.Tensor,
                   out: Optional[t.Tensor] = None, # `[n, batch, seq, d_model]` to write into (no autograd), or None
