@@ -18,11 +18,12 @@ from .adapter import NormSpec, heads_output, normalized_projection, norm_vjp
 __all__ = ['bridge_unsupported_features', 'TransformerBridgeAdapter', 'user_hooked_modules']
 
 # %% ../nbs/00g_transformer_bridge_adapter.ipynb #a06ab6e0
-_FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2")  # Hugging Face model types whose bridges are checked below
+_FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma")  # Hugging Face model types whose bridges are checked below
 _BLOCKS = ("BlockBridge", "ParallelBlockBridge")
 _ATTENTION = ("JointQKVAttentionBridge", "JointQKVPositionEmbeddingsAttentionBridge", "PositionEmbeddingsAttentionBridge")
 _PER_QUERY_HEAD_KV = ("PositionEmbeddingsAttentionBridge",)  # reads `num_key_value_groups`, which patching sets to 1
 _BLOCK_PARTS, _ATTENTION_PARTS = {"ln1", "attn", "ln2", "mlp"}, {"q", "k", "v", "o", "qkv"}
+_HEAD_NORMS = {"q_norm", "k_norm"}  # query/key norms: patched projections pass through them, if each normalises one head
 
 def _parts(module: nn.Module) -> set:
     "Names of `module`'s children other than its hook points and the module it wraps."
@@ -50,8 +51,10 @@ def bridge_unsupported_features(model: TransformerBridge, # the bridge to check
             reason = (f"{where} has {', '.join(post) or 'no ' + ', '.join(sorted(_BLOCK_PARTS - _parts(block)))}"
                       + (" (norms after a sublayer mix its heads before they reach the residual stream)" if post else ""))
         elif type(attn).__name__ not in _ATTENTION: reason = f"{where}'s attention is a {type(attn).__name__}, whose computation circuit_nb has not checked"
-        elif _parts(attn) - _ATTENTION_PARTS:
-            reason = f"{where}'s attention has {', '.join(sorted(_parts(attn) - _ATTENTION_PARTS))} between its projections and its heads"
+        elif _parts(attn) - _ATTENTION_PARTS - _HEAD_NORMS:
+            reason = f"{where}'s attention has {', '.join(sorted(_parts(attn) - _ATTENTION_PARTS - _HEAD_NORMS))} between its projections and its heads"
+        elif _parts(attn) & _HEAD_NORMS and getattr(attn, "_qk_norm_phase", None) != "post_reshape":
+            reason = f"{where}'s query/key norms normalise all heads together ({getattr(attn, '_qk_norm_phase', None)}), so no head's query is its own"
         elif n_kv != cfg.n_heads and type(attn).__name__ not in _PER_QUERY_HEAD_KV:
             reason = (f"grouped-query attention (n_key_value_heads={n_kv} < n_heads={cfg.n_heads}) in a {type(attn).__name__}, "
                       "which cannot compute keys and values per query head")
@@ -198,17 +201,18 @@ TransformerBridgeAdapter.embed_weight = "embed._original_component.weight"
 TransformerBridgeAdapter.unembed_weight = "unembed._original_component.weight"
 
 # %% ../nbs/00g_transformer_bridge_adapter.ipynb #0c7cfc84
-_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")  # w · x / √(mean square + variance_epsilon)
+_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")  # w · x / √(mean square + variance_epsilon)
 
 def _norm_spec(norm: nn.Module) -> Optional[NormSpec]:
     "The bridge's norm component `norm` as a formula, or None to run the module itself."
     inner = norm.original_component
-    if type(norm).__name__ not in ("NormalizationBridge", "RMSNormalizationBridge") or getattr(norm, "uses_weight_offset", False): return None
+    if type(norm).__name__ not in ("NormalizationBridge", "RMSNormalizationBridge"): return None
     if not (norm.use_native_layernorm_autograd or getattr(norm.config, "layer_norm_folding", False)):  # the bridge's own formula
-        return NormSpec(not norm.uses_rms_norm, getattr(norm.config, "eps", 1e-5), inner.weight,
+        return NormSpec(not norm.uses_rms_norm, getattr(norm.config, "eps", 1e-5), 1 + inner.weight if norm.uses_weight_offset else inner.weight,
                         None if norm.uses_rms_norm else getattr(inner, "bias", None))
     if isinstance(inner, nn.LayerNorm): return NormSpec(True, inner.eps, inner.weight, inner.bias)
     if type(inner).__name__ in _RMS_NORMS: return NormSpec(False, inner.variance_epsilon, inner.weight)
+    if type(inner).__name__ == "GemmaRMSNorm": return NormSpec(False, inner.eps, 1 + inner.weight)  # (1 + w) · x / √(mean square + eps)
     return None
 
 @patch
