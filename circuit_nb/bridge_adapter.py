@@ -208,7 +208,7 @@ def _norm_spec(norm: nn.Module) -> Optional[NormSpec]:
     inner = norm.original_component
     if type(norm).__name__ not in ("NormalizationBridge", "RMSNormalizationBridge"): return None
     if not (norm.use_native_layernorm_autograd or getattr(norm.config, "layer_norm_folding", False)):  # the bridge's own formula
-        return NormSpec(not norm.uses_rms_norm, getattr(norm.config, "eps", 1e-5), 1 + inner.weight if norm.uses_weight_offset else inner.weight,
+        return NormSpec(not norm.uses_rms_norm, getattr(norm.config, "eps", 1e-5), 1 + inner.weight if getattr(norm, "uses_weight_offset", False) else inner.weight,
                         None if norm.uses_rms_norm else getattr(inner, "bias", None))
     if isinstance(inner, nn.LayerNorm): return NormSpec(True, inner.eps, inner.weight, inner.bias)
     if type(inner).__name__ in _RMS_NORMS: return NormSpec(False, inner.variance_epsilon, inner.weight)
