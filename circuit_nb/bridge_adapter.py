@@ -15,7 +15,7 @@ from transformer_lens.model_bridge import TransformerBridge  # TransformerLens 3
 from .adapter import NormSpec, heads_output, normalized_projection, norm_vjp
 
 # %% auto #0
-__all__ = ['bridge_unsupported_features', 'TransformerBridgeAdapter', 'user_hooked_modules']
+__all__ = ['bridge_unsupported_features', 'TransformerBridgeAdapter']
 
 # %% ../nbs/00g_transformer_bridge_adapter.ipynb #a06ab6e0
 _FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma")  # Hugging Face model types whose bridges are checked below
@@ -245,7 +245,7 @@ _FLAGS = ("use_split_qkv_input", "use_attn_in", "use_attn_result")  # each makes
 def _hook_ids(module: nn.Module) -> set:
     return {*module._forward_hooks, *module._forward_pre_hooks, *module._backward_hooks, *module._backward_pre_hooks}
 
-def user_hooked_modules(model: TransformerBridge) -> List[str]:
+def _user_hooked_modules(model: TransformerBridge) -> List[str]:
     "Paths of `model`'s modules with a hook the bridge did not install itself (it installs capture hooks on its blocks' norms)."
     own = {h.id for block in model.blocks for h in getattr(block, "_capture_hook_handles", [])}
     paths: Dict[int, str] = {}  # a module -> its shortest path (`blocks.0.mlp` rather than `blocks.0._original_component.mlp`)
@@ -269,7 +269,7 @@ def take_over(self: TransformerBridgeAdapter,
               projected_blocks=(), # blocks whose head inputs are patched after their projections
              ):
     "Check that no hook of the user's is on the bridge, switch off the flags that change its attention, compute keys and values per query head, and freeze the configuration."
-    busy = user_hooked_modules(self.model)
+    busy = _user_hooked_modules(self.model)
     if busy:
         raise ValueError(f"the model has hooks on {', '.join(busy[:4])}{' ...' if len(busy) > 4 else ''}, where patching records, replaces "
                          "or cannot see activations: they would see or change something else than the model computes. Remove them "
