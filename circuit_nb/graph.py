@@ -633,7 +633,9 @@ def _plan_stages(state: PatchState, dests: List[PatchWrapper]):
     leaders = {b: ws[0] for b, ws in state.stages.items()}
     for w in dests:
         if w.projected or w.in_srcs[0] != 0: continue
-        earlier = [b for b, lead in leaders.items() if lead.layer < w.layer and lead.in_srcs[1] <= w.in_srcs[1]]
+        # <=, not <: a parallel block's MLP (same layer as its heads) joins its own block's stage; at an earlier block's stage
+        # its partial patch would sit in the reused stage buffer that this block's stage overwrites before the MLP reads it
+        earlier = [b for b, lead in leaders.items() if lead.layer <= w.layer and lead.in_srcs[1] <= w.in_srcs[1]]
         if earlier:
             block = max(earlier, key=lambda b: leaders[b].layer)
             w.stage = (block, leaders[block].in_srcs[1])
