@@ -102,7 +102,7 @@ def patching_demo(seed: int = 0, # seed of the model's weights and of the prompt
 
 # %% ../nbs/90_cli.ipynb #f758ac39
 @call_parse
-def main(task: str = "induction", # the zoo task: induction, select or pointer
+def main(task: str = "induction", # the zoo task: induction, llama_induction, select or pointer (see `list_tasks()`)
          out_dir: str = "outputs", # where to write figures, scores and the circuit
          top: int = 10, # how many top edges to print
          seed: int = 0, # seeds the prompts
@@ -117,4 +117,4 @@ def main(task: str = "induction", # the zoo task: induction, select or pointer
         try:
             if demo: patching_demo(seed)
             else: discover_circuit(task, out_dir, top, seed=seed)
-        except (TypeError, ValueError) as e: raise SystemExit(f"circuit_nb: {e}")  # a bad option: its message, not a traceback
+        except (TypeError, ValueError, ImportError) as e: raise SystemExit(f"circuit_nb: {e}")  # a bad option or a missing library: its message, not a traceback

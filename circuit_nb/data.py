@@ -176,6 +176,11 @@ class PromptDataset(Dataset):
         return self
 
 # %% ../nbs/02_data.ipynb #c99565b2
+def _masks_pad_tokens(model) -> bool:
+    "Whether `model` (wrapped) masks pad tokens in every pass: TransformerLens derives the mask from its tokenizer; other families run on ids alone."
+    adapter = getattr(getattr(model, "patch_state", None), "adapter", None)
+    return adapter is None or getattr(adapter, "masks_pad_tokens", False)
+
 @patch
 def check_padding(self: PromptDataset,
                   model, # the model (a `PatchableModel` or a `HookedTransformer`) that will run the prompts
@@ -189,6 +194,9 @@ def check_padding(self: PromptDataset,
     if getattr(model, "kv_caches", None):
         raise ValueError(f"{name} are padded, but the model was wrapped with a shared-prefix KV cache, which every prompt would "
                          "attend to right after its pad tokens: wrap it without kv_caches")
+    if not _masks_pad_tokens(model):
+        raise ValueError(f"{name} are padded, but a wrapped {type(model.wrapped_model).__name__} runs on token ids alone, without an "
+                         "attention mask, so it would attend to the pad tokens: give prompts of one length (pad=False, one dataset per length)")
     tok = getattr(model, "tokenizer", None)
     if tok is None or tok.padding_side != "left" or tok.pad_token_id != self.pad_token_id:
         raise ValueError(f"{name} are padded on the left with token id {self.pad_token_id}, but the model "
@@ -578,7 +586,8 @@ def _check_ablation_type(ablation_type) -> AblationType:
 def _real_tokens(model: PatchableModel, tokens: Tensor) -> Tensor:
     "`[batch, seq]` 1 where `tokens` holds a real token, 0 at the pad tokens the model masks (left padding); all 1 without padding."
     tok = getattr(model, "tokenizer", None)
-    if tok is None or tok.padding_side != "left" or tok.pad_token_id is None or not bool((tokens == tok.pad_token_id).any()):
+    if tok is None or tok.padding_side != "left" or tok.pad_token_id is None or not _masks_pad_tokens(model) \
+            or not bool((tokens == tok.pad_token_id).any()):
         return t.ones_like(tokens)
     from transformer_lens.utilities import get_attention_mask
     return get_attention_mask(tok, tokens, model.cfg.default_prepend_bos).to(tokens.device)

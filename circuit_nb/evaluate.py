@@ -24,6 +24,7 @@ def _scores_and_labels(model: PatchableModel, prune_scores: PruneScores,
     layout = model.new_prune_scores()
     labels: Dict[str, Tensor] = {name: t.zeros(blank.shape, dtype=t.bool) for name, blank in layout.items()}
     if isinstance(true_edges, (str, Edge)): raise TypeError("true_edges must be a collection of edges, not a single edge")
+    if true_edges is None: raise TypeError("true_edges is None: the circuit is not known (e.g. a zoo task's true_edges), so there is nothing to rank against")
     positions = [None] if model.seq_len is None else range(model.seq_len)
     for edge in true_edges:
         if isinstance(edge, str): found = [model.find_edge(edge, i) for i in positions]

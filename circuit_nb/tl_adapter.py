@@ -45,6 +45,7 @@ class TransformerLensAdapter(HookNames):
     has_mlp = property(lambda self: not self.cfg.attn_only)
     parallel_attn_mlp = property(lambda self: bool(self.cfg.parallel_attn_mlp))
     has_residual_nodes = True  # hook points between attention and MLP: the unfactorized graph
+    masks_pad_tokens = True  # it derives the attention mask and positions from its tokenizer's pad tokens in every pass
 
 # %% ../nbs/00e_transformer_lens_adapter.ipynb #febb9cd3
 _QK_NORM_OVER_HEADS = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")  # q/k norms over all heads' vectors
