@@ -148,6 +148,8 @@ def main():
     ap.add_argument("--families", default="Hugging Face,TransformerLens", help="comma-separated subset")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="instead: print torch.profiler's N most expensive operators (CPU time) of each measured function")
+    ap.add_argument("--saved", type=int, default=0, metavar="N",
+                    help="instead: print the N source lines whose tensors autograd saves for the backward pass take most memory")
     ap.add_argument("--out", default=None, help="append the results to this markdown file")
     args = ap.parse_args()
     show_progress(False)
@@ -157,6 +159,7 @@ def main():
     load = os.getloadavg()
     preps = [prepare_family(f, builders[f], dev) for f in args.families.split(",")]
     if args.profile: return profile(preps, args.profile)
+    if args.saved: return saved_tensors(preps, args.saved)
     times = [[secs for secs, _ in meter(*p["fns"])] for p in preps]  # time first, with malloc as it is by default
     if dev == "cpu": fixed_mmap_threshold()
     mem_meter = TrimmedMeter(dev, min(2, args.repeats))
@@ -196,6 +199,31 @@ def profile(preps, n):
             with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: fn()
             print(f"\n## {p['family']}: {fn.__name__}")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=n))
+        p["pm"].unwrap()
+
+
+def saved_tensors(preps, n):
+    """Print, for each measured function, the bytes of the tensors other than parameters that autograd saves for backward
+    (what a forward pass holds until its backward: the peak's main part), by the innermost source line of circuit_nb, transformers or
+    transformer_lens that saved them; each storage counted once per function call, all batches together."""
+    import traceback
+    from collections import Counter
+    for p in preps:
+        weights = {q.untyped_storage().data_ptr() for m in (p["pm"].wrapped_model, p["reference"]) for q in m.parameters()}
+        for fn in p["fns"]:
+            seen, by_line = set(weights), Counter()  # parameters are resident anyway: not counted
+            def pack(x):
+                key = x.untyped_storage().data_ptr()
+                if key not in seen and x.device.type != "meta":
+                    seen.add(key)
+                    frames = [f for f in traceback.extract_stack()[:-1]
+                              if any(k in f.filename for k in ("circuit_nb", "transformers", "transformer_lens", "bench_families"))]
+                    f = frames[-1] if frames else None
+                    by_line[f"{Path(f.filename).name}:{f.lineno} {f.line.strip()[:70]}" if f else "?"] += x.untyped_storage().nbytes()
+                return x
+            with t.autograd.graph.saved_tensors_hooks(pack, lambda x: x): fn()
+            print(f"\n## {p['family']}: {fn.__name__}: {sum(by_line.values()) / 2**20:.0f} MiB saved for backward")
+            for line, nbytes in by_line.most_common(n): print(f"{nbytes / 2**20:8.1f} MiB  {line}")
         p["pm"].unwrap()
 
 
