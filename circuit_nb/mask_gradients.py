@@ -6,7 +6,7 @@
 from __future__ import annotations
 import io
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Literal, Optional, Set, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Literal, Optional, Set, Tuple, Union
 
 import torch as t
 from fastcore.basics import patch
@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .checks import check_autograd, check_finite, check_int, check_loader, check_number, check_patchable
 from .data import (PromptDataLoader, PromptPairBatch, batch_avg_answer_diff, batch_avg_answer_val,
-                             batch_src_ablations)
+                             batch_src_ablations, src_ablations)
 from .graph import PatchableModel, draw_graph, out_slice_logits, patch_mode, set_all_masks, train_mask_mode
 from .progress_bars import progress, show_progress
 from .types import AblationType, Edge, PruneScores, check_option
@@ -137,6 +137,17 @@ def _batch_gradients(model: PatchableModel, batch: PromptPairBatch, src_outs: Te
         grads = t.autograd.grad(loss, params, allow_unused=True)
     return loss.detach(), grads
 
+# %% ../nbs/03_mask_gradients.ipynb #d4233a34
+def _ablations_by_batch(model: PatchableModel, dataloader: PromptDataLoader, ablation_type: AblationType,
+                        clean_corrupt: Optional[str]) -> Callable[[], Iterator[Tuple[PromptPairBatch, Tensor]]]:
+    "A pass over `dataloader` yielding each batch with its ablation values, computed as the batch comes (a dataset mean once, up front)."
+    mean = src_ablations(model, dataloader, ablation_type) if ablation_type.mean_over_dataset else None
+    def batches():
+        for batch in dataloader:
+            if mean is not None: yield batch, mean.expand(-1, batch.clean.shape[0], -1, -1)
+            else: yield batch, src_ablations(model, batch.clean if clean_corrupt == "clean" else batch.corrupt, ablation_type)
+    return batches
+
 # %% ../nbs/03_mask_gradients.ipynb #56c98dca
 def mask_gradient_prune_scores(model: PatchableModel, # the wrapped model
                                dataloader: PromptDataLoader, # the prompts; must yield the same batches on every pass (shuffle=False)
@@ -165,30 +176,33 @@ def mask_gradient_prune_scores(model: PatchableModel, # the wrapped model
     masks = model.patch_masks
     if any(tuple(m.shape) != tuple(w.mask_shape) for m, w in zip(masks.values(), model.dest_wrappers)):
         raise ValueError("the masks have a per-prompt axis (set_mask_batch_size); take mask gradients outside that block")
-    src_outs = batch_src_ablations(model, dataloader, ablation_type, clean_corrupt)
+    ablations = _ablations_by_batch(model, dataloader, ablation_type, clean_corrupt)
     names, params = list(masks), list(masks.values())
     scores = {name: t.zeros(m.shape, dtype=t.promote_types(m.dtype, t.float32), device=m.device) for name, m in masks.items()}
     weights, losses, steps = _PromptWeights(), [], []
     step_name = lambda val, i, key: f"batch {i} (key {key}) of the dataloader at mask value {val:g}"
     with frozen_parameters(model.wrapped_model), train_mask_mode(model):
-        current_val = None
-        batches = ((val, i, batch) for val in mask_values for i, batch in enumerate(dataloader))
-        for val, i, batch in progress(batches, desc="mask gradients", total=len(mask_values) * len(dataloader)):
-            if val != current_val: set_all_masks(model, val); current_val = val
-            if batch.key not in src_outs:
-                raise ValueError("the dataloader yielded a batch it did not yield before: mask gradients pass over it "
-                                 "several times and need the same batches each time (shuffle=False)")
-            loss, grads = _batch_gradients(model, batch, src_outs[batch.key], params, grad_function, answer_function)
+        seen = set()
+        # batch by batch, each batch's ablation values computed when it comes and dropped after its mask values:
+        # memory for one batch's ablations, however many batches
+        batches = ((val, i, batch, patch) for i, (batch, patch) in enumerate(ablations()) for val in mask_values)
+        for val, i, batch, patch in progress(batches, desc="mask gradients", total=len(mask_values) * len(dataloader)):
+            if val == mask_values[0]:
+                if batch.key in seen: raise ValueError("two batches of the dataloader have the same prompts (and key); "
+                                                       "use a sampler that visits each prompt once per pass")
+                seen.add(batch.key)
+            set_all_masks(model, val)
+            loss, grads = _batch_gradients(model, batch, patch, params, grad_function, answer_function)
             weight = weights(batch.clean.shape[0])
             for name, grad in zip(names, grads):
                 if grad is not None: scores[name].add_(grad, alpha=weight)
             losses.append(loss); steps.append((val, i, batch.key))
         _check_step_losses(losses, [step_name(*s) for s in steps])
         if not _all_finite(scores):  # a finite loss with non-finite gradients: find the batch (only now, a second pass)
-            for val in mask_values:
-                set_all_masks(model, val)
-                for i, batch in enumerate(dataloader):
-                    for grad in _batch_gradients(model, batch, src_outs[batch.key], params, grad_function, answer_function)[1]:
+            for i, (batch, patch) in enumerate(ablations()):
+                for val in mask_values:
+                    set_all_masks(model, val)
+                    for grad in _batch_gradients(model, batch, patch, params, grad_function, answer_function)[1]:
                         if grad is not None: check_finite(grad, f"the mask gradients on {step_name(val, i, batch.key)}")
             for name, s in scores.items(): check_finite(s, f"the summed mask gradients at {name}")
     return weights.finish(scores)
