@@ -12,8 +12,8 @@ import torch as t
 from torch import nn
 
 # %% auto #0
-__all__ = ['ADAPTERS', 'NormSpec', 'project_heads', 'normalized_projection', 'norm_vjp', 'heads_output', 'has_hooks', 'HookNames',
-           'adapter_for']
+__all__ = ['ADAPTERS', 'NormSpec', 'project_heads', 'normalized_projection', 'norm_vjp', 'heads_output', 'has_hooks',
+           'dropout_sites', 'check_no_dropout', 'HookNames', 'adapter_for']
 
 # %% ../nbs/00a_model_adapter.ipynb #738564e9
 @dataclass
@@ -86,6 +86,24 @@ def heads_output(z: t.Tensor, # [batch, seq, head, d_head]
 def has_hooks(module: nn.Module) -> bool:
     "Whether any forward, forward-pre or backward hook is registered on `module`."
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+# %% ../nbs/00a_model_adapter.ipynb #b8cddf97
+def dropout_sites(model: nn.Module, # the model
+                  config=None, # a Hugging Face config, for dropout applied inside attention (`attention_dropout`, `attn_pdrop`)
+                 ) -> str:
+    "Where `model` drops activations in training mode, as a short description; empty when nowhere."
+    where = [f"{n} p={m.p}" for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    where += [f"config.{k}={getattr(config, k)}" for k in ("attention_dropout", "attn_pdrop")
+              if isinstance(getattr(config, k, None), (int, float)) and getattr(config, k) > 0]
+    return ", ".join(where[:3]) + (" ..." if len(where) > 3 else "")
+
+def check_no_dropout(model: nn.Module, # the model about to run
+                     sites: str, # `dropout_sites(model)`, noted when it was wrapped
+                    ):
+    "Raise `RuntimeError` if `model` is in training mode and drops activations (`sites`)."
+    if model.training and sites:
+        raise RuntimeError(f"the model is in training mode with dropout ({sites}): every pass would drop other activations, "
+                           "and no two runs would agree; call model.eval() (train_mask_mode does it for its block)")
 
 # %% ../nbs/00a_model_adapter.ipynb #277b4183
 class HookNames:

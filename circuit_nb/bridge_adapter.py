@@ -12,7 +12,7 @@ from fastcore.basics import patch
 from torch import nn
 from transformer_lens.model_bridge import TransformerBridge  # TransformerLens 3.9 and 4: where it is missing, `adapter_for` skips the family
 
-from .adapter import NormSpec, heads_output, normalized_projection, norm_vjp
+from .adapter import NormSpec, check_no_dropout, dropout_sites, heads_output, normalized_projection, norm_vjp
 
 # %% auto #0
 __all__ = ['bridge_unsupported_features', 'TransformerBridgeAdapter']
@@ -284,6 +284,7 @@ def take_over(self: TransformerBridgeAdapter,
             handles += [getattr(block.attn, l).hook_out.register_forward_hook(lambda m, i, x: self.ungroup(x)) for l in "kv"]
     self._taken = dict(flags=flags, groups=groups, handles=handles)
     self._taken["frozen"] = self._computation()
+    self._taken["dropout"] = dropout_sites(self.model, getattr(self.model.original_model, "config", None))
 
 @patch
 def release(self: TransformerBridgeAdapter):
@@ -297,8 +298,10 @@ def release(self: TransformerBridgeAdapter):
 
 @patch
 def check_unchanged(self: TransformerBridgeAdapter):
-    "Raise `RuntimeError` if the bridge's configuration changed since `take_over` in a way that changes its forward pass."
-    if self._taken is None or self._computation() == self._taken["frozen"]: return
+    "Raise `RuntimeError` if the bridge's configuration changed since `take_over` in a way that changes its forward pass, or it is in training mode with dropout."
+    if self._taken is None: return
+    check_no_dropout(self.model, self._taken["dropout"])
+    if self._computation() == self._taken["frozen"]: return
     raise RuntimeError("the TransformerBridge's configuration changed after it was wrapped (its shape, its key/value grouping or its "
                        f"{', '.join(_FLAGS)} flags); its graph and patching were made for the old values: unwrap it and wrap it again")
 

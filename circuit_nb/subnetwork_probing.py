@@ -148,7 +148,7 @@ def _float32_masks(model: PatchableModel, # the wrapped model
 def _validation_faithfulness(model: PatchableModel, dataloader: PromptDataLoader, refs: _References, mask_fn: MaskFn,
                              tree_optimisation: bool, faithfulness_target: str, step: str) -> float:
     "The faithfulness term over `dataloader`, each prompt weighing the same, with noise-free gates and no dropout."
-    model.eval()
+    model.wrappers.eval()  # noise-free gates (the model itself is in eval mode throughout, see train_mask_mode)
     values, sizes = [], []
     with t.no_grad(), mask_fn_mode(model, mask_fn, 0.0):
         for i, batch in enumerate(dataloader):
@@ -158,7 +158,7 @@ def _validation_faithfulness(model: PatchableModel, dataloader: PromptDataLoader
                 value = sp_faithfulness(logits, clean_logits, batch, faithfulness_target)
             check_finite(value, f"the validation faithfulness on batch {i} (key {batch.key}) of validation_dataloader after {step}")
             values.append(value.item()); sizes.append(batch.clean.shape[0])
-    model.train()
+    model.wrappers.train()
     if len(set(sizes)) == 1: return sum(values) / len(values)  # equal batches: the mean of the batch means
     return sum(v * n for v, n in zip(values, sizes)) / sum(sizes)
 
@@ -237,7 +237,6 @@ def train_subnetwork_probe(model: PatchableModel, # the wrapped model (see `patc
     with _borrowed(model), train_mask_mode(model), _float32_masks(model) as masks, mask_fn_mode(model, mask_fn, dropout_p):
         set_all_masks(model, _initial_mask(init_val, mask_fn, tree_optimisation))
         optim = t.optim.Adam(masks.values(), lr=learning_rate)
-        model.train()
         for epoch in (bar := progress(range(epochs), desc="Subnetwork probing")):
             for i, batch in enumerate(dataloader):
                 step = f"epoch {epoch}, batch {i} (key {batch.key}) of the dataloader"
