@@ -5,15 +5,17 @@
 # %% ../nbs/00a_model_adapter.ipynb #9a95221c
 from __future__ import annotations
 import importlib
+from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch as t
 from torch import nn
 
 # %% auto #0
 __all__ = ['ADAPTERS', 'NormSpec', 'project_heads', 'normalized_projection', 'norm_vjp', 'heads_output', 'has_hooks',
-           'dropout_sites', 'check_no_dropout', 'HookNames', 'adapter_for']
+           'dropout_sites', 'check_no_dropout', 'HookNames', 'HooksByName', 'adapter_for']
 
 # %% ../nbs/00a_model_adapter.ipynb #738564e9
 @dataclass
@@ -128,6 +130,44 @@ class HookNames:
         if len(parts) != 3 or parts[0] != "blocks": return None
         letters = {"hook_q_input": ("Q",), "hook_k_input": ("K",), "hook_v_input": ("V",), "hook_attn_in": ("Q", "K", "V")}.get(parts[2])
         return None if letters is None else (int(parts[1]), letters)
+
+# %% ../nbs/00a_model_adapter.ipynb #92b57489
+def _grad_at(fn: Callable, name: str, x: t.Tensor) -> Optional[t.Tensor]:
+    "A copy of `x` for the hooked module alone, whose gradient is handed to fn(gradient, name): `x` itself may also flow on in the residual stream."
+    if not x.requires_grad: return None
+    own = x.view_as(x)
+    own.register_hook(lambda g: fn(g, name))
+    return own
+
+class HooksByName(HookNames):
+    "Hooks by name (`hooks`) for families whose models hold no per-head input activations: a head's input gradient comes from its projection's, through the norm (`head_input_vjp`)."
+    def _head_input_grads(self, name: str, fn: Callable) -> list:
+        "Hooks that call fn(gradient `[batch, seq, head, d_model]`, name) with the gradient of per-head input `name`; their handles."
+        block, letters = self.head_in_letters(name)
+        seen, parts = {}, []
+        def keep_input(x): seen["resid"] = x.detach()
+        def on_projection(letter, v):  # v: [batch, seq, head, d_head], returned so that the model reads it
+            if not v.requires_grad: return None
+            def arrived(g):
+                parts.append(self.head_input_vjp(block, letter, seen["resid"], g).permute(1, 2, 0, 3))
+                if len(parts) == len(letters): fn(sum(parts), name); parts.clear()
+            v.register_hook(arrived)
+            return v
+        return [self.add_hook(self.block_in(block), keep_input, first=False)] + [
+            self.add_hook(self.projected_head_in(block, l), partial(on_projection, l), first=False) for l in letters]
+
+    @contextmanager
+    def hooks(self,
+              fwd_hooks=(), # (name, fn(activation, name) -> replacement or None) pairs
+              bwd_hooks=(), # (name, fn(gradient, name)) pairs: the gradient of the activation `name`
+             ):
+        "Within the block, call each function of `fwd_hooks` on its activation in every forward pass, and each of `bwd_hooks` on its activation's gradient."
+        handles = [self.add_hook(n, lambda x, n=n, f=f: f(x, n), first=False) for n, f in fwd_hooks]
+        for n, f in bwd_hooks:
+            handles += self._head_input_grads(n, f) if self.head_in_letters(n) else [self.add_hook(n, partial(_grad_at, f, n), first=False)]
+        try: yield
+        finally:
+            for h in handles: h.remove()
 
 # %% ../nbs/00a_model_adapter.ipynb #1fb6ac88
 ADAPTERS: List[Tuple[str, str]] = [("circuit_nb.tl_adapter", "TransformerLensAdapter"),

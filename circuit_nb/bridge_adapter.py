@@ -12,7 +12,7 @@ from fastcore.basics import patch
 from torch import nn
 from transformer_lens.model_bridge import TransformerBridge  # TransformerLens 3.9 and 4: where it is missing, `adapter_for` skips the family
 
-from .adapter import NormSpec, check_no_dropout, dropout_sites, heads_output, normalized_projection, norm_vjp
+from .adapter import HooksByName, NormSpec, check_no_dropout, dropout_sites, heads_output, normalized_projection, norm_vjp
 
 # %% auto #0
 __all__ = ['bridge_unsupported_features', 'TransformerBridgeAdapter']
@@ -69,7 +69,7 @@ def bridge_unsupported_features(model: TransformerBridge, # the bridge to check
     return refused
 
 # %% ../nbs/00g_transformer_bridge_adapter.ipynb #e03a9ade
-class TransformerBridgeAdapter:
+class TransformerBridgeAdapter(HooksByName):
     "Patching's view of a TransformerLens `TransformerBridge`: its hook points, its weights per head, and what it refuses."
     head_axis, weight_head_dim = 2, None  # heads are axis 2 of `[batch, seq, head, d_head]` activations; weights hold no head axis
     has_mlp = True  # every checked family has an MLP per block
@@ -108,27 +108,6 @@ def hook_point(self: TransformerBridgeAdapter, name: str # a TransformerLens hoo
         path = _HOOK_POINTS.get(".".join(parts[2:]))
         if path is not None: return self.model.blocks[int(parts[1])].get_submodule(path)
     raise KeyError(f"the TransformerBridge adapter has no hook point {name!r} (it has blocks.<b>.{', blocks.<b>.'.join(_HOOK_POINTS)})")
-
-# %% ../nbs/00g_transformer_bridge_adapter.ipynb #b0ca453d
-for _name, _fmt in (("block_in", "blocks.{}.hook_resid_pre"), ("head_out", "blocks.{}.attn.hook_z"), ("mlp_in", "blocks.{}.hook_mlp_in"),
-                    ("mlp_out", "blocks.{}.hook_mlp_out"), ("resid_post", "blocks.{}.hook_resid_post")):
-    setattr(TransformerBridgeAdapter, _name, lambda self, block, _fmt=_fmt: _fmt.format(block))
-TransformerBridgeAdapter.resid_start = "blocks.0.hook_resid_pre"  # the embeddings, as the residual stream enters block 0
-TransformerBridgeAdapter.resid_end = property(lambda self: self.resid_post(self.n_layers - 1))
-
-@patch
-def head_in(self: TransformerBridgeAdapter, block, letter=None):
-    "The per-head input of block `block`: of query/key/value `letter`, or shared when `letter` is None (a graph name: patched after the projections)."
-    return f"blocks.{block}.hook_{letter.lower()}_input" if letter else f"blocks.{block}.hook_attn_in"
-@patch
-def projected_head_in(self: TransformerBridgeAdapter, block, letter): return f"blocks.{block}.attn.hook_{letter.lower()}"
-@patch
-def head_in_letters(self: TransformerBridgeAdapter, module_name: str) -> Optional[Tuple[int, Tuple[str, ...]]]:
-    "`(block, letters)` of a per-head input name: the projections it feeds; None otherwise."
-    parts = module_name.split(".")
-    if len(parts) != 3 or parts[0] != "blocks": return None
-    letters = {"hook_q_input": ("Q",), "hook_k_input": ("K",), "hook_v_input": ("V",), "hook_attn_in": ("Q", "K", "V")}.get(parts[2])
-    return None if letters is None else (int(parts[1]), letters)
 
 # %% ../nbs/00g_transformer_bridge_adapter.ipynb #b1bc8246
 @patch

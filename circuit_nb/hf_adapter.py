@@ -14,7 +14,7 @@ from torch import nn
 from fastcore.basics import patch
 
 from .checks import check_tokens
-from .adapter import HookNames, NormSpec, check_no_dropout, dropout_sites, has_hooks, heads_output, normalized_projection, norm_vjp
+from .adapter import HooksByName, NormSpec, check_no_dropout, dropout_sites, has_hooks, heads_output, normalized_projection, norm_vjp
 
 # %% auto #0
 __all__ = ['LAYOUTS', 'HFLayout', 'hf_unsupported_features', 'HFConfigView', 'HuggingFaceAdapter']
@@ -101,7 +101,7 @@ class HFConfigView:
     def __repr__(self): return f"HFConfigView({self.original_architecture}, n_layers={self.n_layers}, n_heads={self.n_heads}, n_key_value_heads={self.n_key_value_heads}, d_model={self.d_model})"
 
 # %% ../nbs/00f_hugging_face_adapter.ipynb #27c2d289
-class HuggingFaceAdapter(HookNames):
+class HuggingFaceAdapter(HooksByName):
     "Patching's view of a Hugging Face causal LM: TransformerLens hook names mapped onto PyTorch hooks on the model's own modules."
     head_axis, weight_head_dim = 2, None  # heads are axis 2 of `[batch, seq, head, d_head]` activations; weights hold no head axis
 
@@ -408,41 +408,3 @@ def check_unchanged(self: HuggingFaceAdapter):
         raise RuntimeError("model.config changed after the model was wrapped; its graph and patching were made for the old "
                            "values: unwrap it and wrap it again")
     check_no_dropout(self.model, self._taken["dropout"])
-
-# %% ../nbs/00f_hugging_face_adapter.ipynb #da2a3a61
-def _grad_at(fn: Callable, name: str, x: t.Tensor) -> Optional[t.Tensor]:
-    "A copy of `x` for the hooked module alone, whose gradient is handed to fn(gradient, name): `x` itself may also flow on in the residual stream."
-    if not x.requires_grad: return None
-    own = x.view_as(x)
-    own.register_hook(lambda g: fn(g, name))
-    return own
-
-@patch
-def _head_input_grads(self: HuggingFaceAdapter, name: str, fn: Callable) -> list:
-    "Hooks that call fn(gradient `[batch, seq, head, d_model]`, name) with the gradient of per-head input `name`; their handles."
-    block, letters = self.head_in_letters(name)
-    seen, parts = {}, []
-    def keep_input(x): seen["resid"] = x.detach()
-    def on_projection(letter, v):  # v: [batch, seq, head, d_head], returned so that the model reads it
-        if not v.requires_grad: return None
-        def arrived(g):
-            parts.append(self.head_input_vjp(block, letter, seen["resid"], g).permute(1, 2, 0, 3))
-            if len(parts) == len(letters): fn(sum(parts), name); parts.clear()
-        v.register_hook(arrived)
-        return v
-    return [self.add_hook(self.block_in(block), keep_input, first=False)] + [
-        self.add_hook(self.projected_head_in(block, l), partial(on_projection, l), first=False) for l in letters]
-
-@patch
-@contextmanager
-def hooks(self: HuggingFaceAdapter,
-          fwd_hooks=(), # (name, fn(activation, name) -> replacement or None) pairs
-          bwd_hooks=(), # (name, fn(gradient, name)) pairs: the gradient of the activation `name`
-         ):
-    "Within the block, call each function of `fwd_hooks` on its activation in every forward pass, and each of `bwd_hooks` on its activation's gradient."
-    handles = [self.add_hook(n, lambda x, n=n, f=f: f(x, n), first=False) for n, f in fwd_hooks]
-    for n, f in bwd_hooks:
-        handles += self._head_input_grads(n, f) if self.head_in_letters(n) else [self.add_hook(n, partial(_grad_at, f, n), first=False)]
-    try: yield
-    finally:
-        for h in handles: h.remove()
