@@ -14,8 +14,8 @@ import torch as t
 from torch import nn
 
 # %% auto #0
-__all__ = ['ADAPTERS', 'NormSpec', 'project_heads', 'normalized_projection', 'norm_vjp', 'heads_output', 'has_hooks',
-           'dropout_sites', 'check_no_dropout', 'HookNames', 'HooksByName', 'adapter_for']
+__all__ = ['ADAPTERS', 'NormSpec', 'project_heads', 'normalized_projection', 'norm_vjp', 'per_query_head', 'heads_output',
+           'has_hooks', 'dropout_sites', 'check_no_dropout', 'HookNames', 'HooksByName', 'adapter_for']
 
 # %% ../nbs/00a_model_adapter.ipynb #738564e9
 @dataclass
@@ -73,6 +73,20 @@ def norm_vjp(norm: Optional[NormSpec], # the norm as a formula, or None: differe
     if norm.w is not None: u = u * norm.w
     if norm.centred: u = u - u.mean(-1, keepdim=True)
     return (u - x_hat * (u * x_hat).mean(-1, keepdim=True)) / scale
+
+# %% ../nbs/00a_model_adapter.ipynb #bf382e77
+def per_query_head(weight: t.Tensor, # [n · d_head, d_model]: a projection's weight, as nn.Linear stores it
+                   bias: Optional[t.Tensor], # [n · d_head], or None for zeros
+                   n_heads: int, # query heads; n is n_heads, or a divisor of it (grouped-query attention)
+                   d_head: int,
+                   heads: Optional[t.Tensor] = None, # which query heads (all when None)
+                  ) -> Tuple[t.Tensor, t.Tensor]:
+    "`W [head, d_model, d_head]`, `bias [head, d_head]` of each query head (of `heads`): under grouped-query attention its key/value head's."
+    bias = bias if bias is not None else weight.new_zeros(weight.shape[0])
+    n = weight.shape[0] // d_head  # heads the projection computes: n_heads, or n_key_value_heads
+    W, bias = weight.reshape(n, d_head, -1).transpose(1, 2), bias.reshape(n, d_head)
+    if n != n_heads: heads = (t.arange(n_heads, device=W.device) if heads is None else heads) // (n_heads // n)  # no repeated copy
+    return (W, bias) if heads is None else (W[heads], bias[heads])
 
 # %% ../nbs/00a_model_adapter.ipynb #df028f9a
 def heads_output(z: t.Tensor, # [batch, seq, head, d_head]

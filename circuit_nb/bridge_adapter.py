@@ -12,7 +12,7 @@ from fastcore.basics import patch
 from torch import nn
 from transformer_lens.model_bridge import TransformerBridge  # TransformerLens 3.9 and 4: where it is missing, `adapter_for` skips the family
 
-from .adapter import HooksByName, NormSpec, check_no_dropout, dropout_sites, heads_output, normalized_projection, norm_vjp
+from .adapter import HooksByName, NormSpec, per_query_head, check_no_dropout, dropout_sites, heads_output, normalized_projection, norm_vjp
 
 # %% auto #0
 __all__ = ['bridge_unsupported_features', 'TransformerBridgeAdapter']
@@ -153,12 +153,7 @@ def head_weights(self: TransformerBridgeAdapter, block: int, letter: str, # Q, K
                 ) -> Tuple[t.Tensor, t.Tensor]:
     "`W [head, d_model, d_head]`, `bias [head, d_head]` of projection `letter` for each query head: under grouped-query attention its key/value head's."
     projection = getattr(self.model.blocks[block].attn, letter.lower()).original_component
-    weight, H, dh = _matrix(projection), self.n_heads, self.cfg.d_head
-    bias = projection.bias if projection.bias is not None else weight.new_zeros(weight.shape[0])
-    n = weight.shape[0] // dh  # heads this projection computes: n_heads, or n_key_value_heads
-    W, bias = weight.reshape(n, dh, -1).transpose(1, 2), bias.view(n, dh)
-    if n != H: heads = (t.arange(H, device=W.device) if heads is None else heads) // (H // n)  # each query head's key/value head
-    return (W, bias) if heads is None else (W[heads], bias[heads])
+    return per_query_head(_matrix(projection), projection.bias, self.n_heads, self.cfg.d_head, heads)
 
 @patch
 def out_weights(self: TransformerBridgeAdapter, block: int) -> t.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 from fastcore.basics import patch
 
 from .checks import check_tokens
-from .adapter import HooksByName, NormSpec, check_no_dropout, dropout_sites, has_hooks, heads_output, normalized_projection, norm_vjp
+from .adapter import HooksByName, NormSpec, per_query_head, check_no_dropout, dropout_sites, has_hooks, heads_output, normalized_projection, norm_vjp
 
 # %% auto #0
 __all__ = ['LAYOUTS', 'HFLayout', 'hf_unsupported_features', 'HFConfigView', 'HuggingFaceAdapter']
@@ -154,10 +154,7 @@ def head_weights(self: HuggingFaceAdapter, b: int, letter: str, heads: Optional[
     i = "QKV".index(letter)
     if lay.fused == "blocks": weight, bias = weight[i * H * dh:(i + 1) * H * dh], bias[i * H * dh:(i + 1) * H * dh]
     elif lay.fused == "per_head": weight, bias = weight.view(H, 3, dh, -1)[:, i].reshape(H * dh, -1), bias.view(H, 3, dh)[:, i].reshape(-1)
-    n = weight.shape[0] // dh  # heads this projection computes: n_heads, or n_key_value_heads
-    W, bias = weight.reshape(n, dh, -1).transpose(1, 2), bias.reshape(n, dh)
-    if n != H: heads = (t.arange(H, device=W.device) if heads is None else heads) // (H // n)  # each query head's key/value head
-    return (W, bias) if heads is None else (W[heads], bias[heads])
+    return per_query_head(weight, bias, H, dh, heads)
 
 @patch
 def out_weights(self: HuggingFaceAdapter, b: int) -> t.Tensor:
