@@ -14,8 +14,8 @@ import torch as t
 from torch import nn
 
 # %% auto #0
-__all__ = ['ADAPTERS', 'NormSpec', 'project_heads', 'normalized_projection', 'norm_vjp', 'per_query_head', 'heads_output',
-           'has_hooks', 'dropout_sites', 'check_no_dropout', 'HookNames', 'HooksByName', 'adapter_for']
+__all__ = ['ADAPTERS', 'NormSpec', 'project_heads', 'normalized_projection', 'norm_vjp', 'per_query_head', 'NormedHeadInputs',
+           'heads_output', 'has_hooks', 'dropout_sites', 'check_no_dropout', 'HookNames', 'HooksByName', 'adapter_for']
 
 # %% ../nbs/00a_model_adapter.ipynb #738564e9
 @dataclass
@@ -87,6 +87,30 @@ def per_query_head(weight: t.Tensor, # [n · d_head, d_model]: a projection's we
     W, bias = weight.reshape(n, d_head, -1).transpose(1, 2), bias.reshape(n, d_head)
     if n != n_heads: heads = (t.arange(n_heads, device=W.device) if heads is None else heads) // (n_heads // n)  # no repeated copy
     return (W, bias) if heads is None else (W[heads], bias[heads])
+
+# %% ../nbs/00a_model_adapter.ipynb #89abb967
+class NormedHeadInputs:
+    "A head's projection of its own input through its block's first norm, and its gradient, from `ln1`, `norm_spec` and `head_weights`."
+    def project_head_inputs(self, block, letter: str,
+                            inputs: t.Tensor, # [..., head, batch, seq, d_model]: each head's input, before the norm
+                            heads: Optional[t.Tensor] = None, # which heads `inputs` holds (all when None)
+                           ) -> t.Tensor:
+        "The `letter` projection (Q, K or V) of the norm of per-head inputs: `[..., head, batch, seq, d_head]`."
+        norm = self.ln1(block)
+        return normalized_projection(self.norm_spec(norm), norm, inputs, *self.head_weights(block, letter, heads))
+
+    def head_input_vjp(self, block, letter: str,
+                       resid: t.Tensor, # [batch, seq, d_model]: the input of the block, every head's input before patching
+                       grad: t.Tensor, # [batch, seq, head, d_head]: the gradient of the `letter` projection
+                      ) -> t.Tensor:
+        "The gradient with respect to each head's own input `[head, batch, seq, d_model]`, where all of them equal `resid`."
+        u = t.einsum("bshd,hmd->hbsm", grad, self.head_weights(block, letter)[0])
+        norm = self.ln1(block)
+        return norm_vjp(self.norm_spec(norm), norm, resid, u)
+
+    def normalize_head_input(self, block, resid: t.Tensor) -> t.Tensor:
+        "The block's first norm of `resid`, as its projections read it (`forward`: the module's own hooks are patching's)."
+        return self.ln1(block).forward(resid)
 
 # %% ../nbs/00a_model_adapter.ipynb #df028f9a
 def heads_output(z: t.Tensor, # [batch, seq, head, d_head]

@@ -12,7 +12,7 @@ from fastcore.basics import patch
 from torch import nn
 from transformer_lens.model_bridge import TransformerBridge  # TransformerLens 3.9 and 4: where it is missing, `adapter_for` skips the family
 
-from .adapter import HooksByName, NormSpec, per_query_head, check_no_dropout, dropout_sites, heads_output, normalized_projection, norm_vjp
+from .adapter import HooksByName, NormSpec, NormedHeadInputs, per_query_head, check_no_dropout, dropout_sites, heads_output, normalized_projection, norm_vjp
 
 # %% auto #0
 __all__ = ['bridge_unsupported_features', 'TransformerBridgeAdapter']
@@ -69,7 +69,7 @@ def bridge_unsupported_features(model: TransformerBridge, # the bridge to check
     return refused
 
 # %% ../nbs/00g_transformer_bridge_adapter.ipynb #e03a9ade
-class TransformerBridgeAdapter(HooksByName):
+class TransformerBridgeAdapter(HooksByName, NormedHeadInputs):
     "Patching's view of a TransformerLens `TransformerBridge`: its hook points, its weights per head, and what it refuses."
     head_axis, weight_head_dim = 2, None  # heads are axis 2 of `[batch, seq, head, d_head]` activations; weights hold no head axis
     has_mlp = True  # every checked family has an MLP per block
@@ -190,28 +190,8 @@ def _norm_spec(norm: nn.Module) -> Optional[NormSpec]:
     return None
 
 @patch
-def project_head_inputs(self: TransformerBridgeAdapter, block, letter: str,
-                        inputs: t.Tensor, # [..., head, batch, seq, d_model]: each head's input, before `ln1`
-                        heads: Optional[t.Tensor] = None, # which heads `inputs` holds (all when None)
-                       ) -> t.Tensor:
-    "The `letter` projection (Q, K or V) of `ln1` of per-head inputs: `[..., head, batch, seq, d_head]`."
-    ln1 = self.model.blocks[block].ln1
-    return normalized_projection(_norm_spec(ln1), ln1, inputs, *self.head_weights(block, letter, heads))
-
-@patch
-def head_input_vjp(self: TransformerBridgeAdapter, block, letter: str,
-                   resid: t.Tensor, # [batch, seq, d_model]: the input of the block, every head's input before patching
-                   grad: t.Tensor, # [batch, seq, head, d_head]: the gradient of the `letter` projection
-                  ) -> t.Tensor:
-    "The gradient with respect to each head's own input `[head, batch, seq, d_model]`, where all of them equal `resid`."
-    u = t.einsum("bshd,hmd->hbsm", grad, self.head_weights(block, letter)[0])
-    ln1 = self.model.blocks[block].ln1
-    return norm_vjp(_norm_spec(ln1), ln1, resid, u)
-
-@patch
-def normalize_head_input(self: TransformerBridgeAdapter, block, resid: t.Tensor) -> t.Tensor:
-    "`ln1(resid)` as block `block`'s projections read it."
-    return self.model.blocks[block].ln1.forward(resid)
+def ln1(self: TransformerBridgeAdapter, block): return self.model.blocks[block].ln1
+TransformerBridgeAdapter.norm_spec = staticmethod(_norm_spec)  # (with `head_weights`, what `NormedHeadInputs` needs)
 
 # %% ../nbs/00g_transformer_bridge_adapter.ipynb #f4b21078
 _FLAGS = ("use_split_qkv_input", "use_attn_in", "use_attn_result")  # each makes the bridge compute attention another way

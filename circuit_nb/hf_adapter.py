@@ -14,7 +14,7 @@ from torch import nn
 from fastcore.basics import patch
 
 from .checks import check_tokens
-from .adapter import HooksByName, NormSpec, per_query_head, check_no_dropout, dropout_sites, has_hooks, heads_output, normalized_projection, norm_vjp
+from .adapter import HooksByName, NormSpec, NormedHeadInputs, per_query_head, check_no_dropout, dropout_sites, has_hooks, heads_output, normalized_projection, norm_vjp
 
 # %% auto #0
 __all__ = ['LAYOUTS', 'HFLayout', 'hf_unsupported_features', 'HFConfigView', 'HuggingFaceAdapter']
@@ -101,7 +101,7 @@ class HFConfigView:
     def __repr__(self): return f"HFConfigView({self.original_architecture}, n_layers={self.n_layers}, n_heads={self.n_heads}, n_key_value_heads={self.n_key_value_heads}, d_model={self.d_model})"
 
 # %% ../nbs/00f_hugging_face_adapter.ipynb #27c2d289
-class HuggingFaceAdapter(HooksByName):
+class HuggingFaceAdapter(HooksByName, NormedHeadInputs):
     "Patching's view of a Hugging Face causal LM: TransformerLens hook names mapped onto PyTorch hooks on the model's own modules."
     head_axis, weight_head_dim = 2, None  # heads are axis 2 of `[batch, seq, head, d_head]` activations; weights hold no head axis
 
@@ -171,30 +171,6 @@ def norm_spec(self: HuggingFaceAdapter, norm: nn.Module) -> Optional[NormSpec]:
     if type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon") and self.cfg.model_type in ("llama", "qwen2", "mistral"):
         return NormSpec(False, norm.variance_epsilon, norm.weight)
     return None
-
-@patch
-def project_head_inputs(self: HuggingFaceAdapter, block, letter: str,
-                        inputs: t.Tensor, # [..., head, batch, seq, d_model]: each head's input, before the block's first norm
-                        heads: Optional[t.Tensor] = None, # which heads `inputs` holds (all when None)
-                       ) -> t.Tensor:
-    "The `letter` projection (Q, K or V) of the norm of per-head inputs: `[..., head, batch, seq, d_head]`."
-    ln1 = self.ln1(block)
-    return normalized_projection(self.norm_spec(ln1), ln1, inputs, *self.head_weights(block, letter, heads))
-
-@patch
-def head_input_vjp(self: HuggingFaceAdapter, block, letter: str,
-                   resid: t.Tensor, # [batch, seq, d_model]: the input of the block, every head's input before patching
-                   grad: t.Tensor, # [batch, seq, head, d_head]: the gradient of the `letter` projection
-                  ) -> t.Tensor:
-    "The gradient with respect to each head's own input `[head, batch, seq, d_model]`, where all of them equal `resid`."
-    u = t.einsum("bshd,hmd->hbsm", grad, self.head_weights(block, letter)[0])
-    ln1 = self.ln1(block)
-    return norm_vjp(self.norm_spec(ln1), ln1, resid, u)
-
-@patch
-def normalize_head_input(self: HuggingFaceAdapter, block, resid: t.Tensor) -> t.Tensor:
-    "The block's first norm of `resid`, as its projections read it."
-    return self.ln1(block).forward(resid)
 
 # %% ../nbs/00f_hugging_face_adapter.ipynb #c28866f9
 def _path_of(model: nn.Module, module: nn.Module) -> str:

@@ -15,13 +15,13 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig  # Trans
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-from .adapter import HookNames, NormSpec, has_hooks, heads_output, normalized_projection, norm_vjp
+from .adapter import HookNames, NormSpec, NormedHeadInputs, has_hooks, heads_output, normalized_projection, norm_vjp
 
 # %% auto #0
 __all__ = ['TransformerLensAdapter', 'unsupported_features']
 
 # %% ../nbs/00e_transformer_lens_adapter.ipynb #ff7de64e
-class TransformerLensAdapter(HookNames):
+class TransformerLensAdapter(HookNames, NormedHeadInputs):
     "Hook names, weights and config flags of a TransformerLens `HookedTransformer`."
     head_axis, weight_head_dim = 2, 0  # heads are axis 2 of `[batch, seq, head, d_model]` hook activations and axis 0 of weights
 
@@ -200,15 +200,6 @@ def _head_weights(attn: nn.Module, letter: str, heads: Optional[t.Tensor] = None
     return getattr(attn, f"_W_{letter}")[kv], getattr(attn, f"_b_{letter}")[kv]
 
 @patch
-def project_head_inputs(self: TransformerLensAdapter, block, letter: str,
-                        inputs: t.Tensor, # [..., head, batch, seq, d_model]: each head's input, before `ln1`
-                        heads: Optional[t.Tensor] = None, # which heads `inputs` holds (all when None)
-                       ) -> t.Tensor:
-    "The `letter` projection (Q, K or V) of `ln1` of per-head inputs: `[..., head, batch, seq, d_head]`."
-    norm = self.model.blocks[block].ln1
-    return normalized_projection(_norm_spec(norm), norm, inputs, *_head_weights(self.model.blocks[block].attn, letter, heads))
-
-@patch
 def hook_projection_inputs(self: TransformerLensAdapter, block,
                            fn: Callable, # fn(letter, normalized input) -> a replacement, or None to keep it
                           ) -> list:
@@ -226,20 +217,12 @@ def hook_projection_inputs(self: TransformerLensAdapter, block,
     return [self.add_hook(self.block_in(block), reset), self.model.blocks[block].ln1.register_forward_hook(on_norm)]
 
 @patch
-def normalize_head_input(self: TransformerLensAdapter, block, resid: t.Tensor) -> t.Tensor:
-    "`ln1(resid)` as block `block`'s projections read it: a replacement for `hook_projection_inputs` to hand them."
-    return self.model.blocks[block].ln1.forward(resid)  # forward: the module's own hooks are patching's
-
-# %% ../nbs/00e_transformer_lens_adapter.ipynb #158bffa0
+def head_weights(self: TransformerLensAdapter, block, letter: str, heads: Optional[t.Tensor] = None) -> Tuple[t.Tensor, t.Tensor]:
+    "`W [head, d_model, d_head]`, `b [head, d_head]` of block `block`'s projection `letter` (see `_head_weights`)."
+    return _head_weights(self.model.blocks[block].attn, letter, heads)
 @patch
-def head_input_vjp(self: TransformerLensAdapter, block, letter: str,
-                   resid: t.Tensor, # [batch, seq, d_model]: the input of the block, every head's input before patching
-                   grad: t.Tensor, # [batch, seq, head, d_head]: the gradient of the `letter` projection
-                  ) -> t.Tensor:
-    "The gradient with respect to each head's own input `[head, batch, seq, d_model]`, where all of them equal `resid`."
-    u = t.einsum("bshd,hmd->hbsm", grad, _head_weights(self.model.blocks[block].attn, letter)[0])
-    norm = self.model.blocks[block].ln1
-    return norm_vjp(_norm_spec(norm), norm, resid, u)
+def ln1(self: TransformerLensAdapter, block): return self.model.blocks[block].ln1
+TransformerLensAdapter.norm_spec = staticmethod(_norm_spec)  # (what `NormedHeadInputs` needs, with `head_weights`)
 
 # %% ../nbs/00e_transformer_lens_adapter.ipynb #ed8fb06a
 _NOT_COMPUTATION = {"device", "dtype", "seed", "init_mode", "init_weights", "initializer_range", "model_name", "tokenizer_name",
