@@ -66,36 +66,35 @@ def _add_batch_attributions(model: PatchableModel, batch, srcs: List[SrcNode], d
     src_hooks = list(dict.fromkeys(s.module_name for s in srcs))
     corrupt_cache: Dict[str, Tensor] = {}
     clean_cache: Dict[str, Tensor] = {}
-    dest_grads: Dict[str, Tensor] = {}
+    src_diffs: List[Tensor] = []  # [n_srcs, batch, seq, d_model]: corrupt − clean source outputs, once the clean run is done
+    if not scores:
+        dtype, layout = t.promote_types(model.cfg.dtype, t.float32), model.new_prune_scores()
+        scores.update({name: t.zeros(layout[name].shape, dtype=dtype, device=batch.clean.device) for name in dests})
     def cache_into(cache):
         def hook_fn(act, name): cache[name] = act.detach()
         return hook_fn
     def start_gradients(act, name):  # the parameters are frozen: gradients flow from the residual stream's start
         return act.detach().requires_grad_(True)
-    def cache_gradient(grad, name): dest_grads[name] = grad.detach()
-    # `model(tokens)` runs the TransformerLens model (after a KV-cached prefix, if any); outside patch mode
-    # the patching hooks do nothing
-    with t.no_grad(), adapter.hooks(fwd_hooks=[(name, cache_into(corrupt_cache)) for name in src_hooks]):
-        model(batch.corrupt)
-    fwd_hooks = [(srcs[0].module_name, start_gradients)] + [(name, cache_into(clean_cache)) for name in src_hooks]
-    with frozen_parameters(model.wrapped_model), adapter.hooks(fwd_hooks=fwd_hooks, bwd_hooks=[(name, cache_gradient) for name in dests]):
-        logits = model(batch.clean)[model.out_slice]
-        loss = -(batch_avg_answer_diff(logits, batch) if answer_diff else batch_avg_answer_val(logits, batch))
-        (loss if weight == 1.0 else loss * weight).backward()
-    if not scores:
-        dtype, layout = t.promote_types(model.cfg.dtype, t.float32), model.new_prune_scores()
-        scores.update({name: t.zeros(layout[name].shape, dtype=dtype, device=logits.device) for name in dests})
-    with t.no_grad():
-        src_diffs = _source_outputs(model, srcs, corrupt_cache) - _source_outputs(model, srcs, clean_cache)  # [n_srcs, batch, seq, d_model]
-        for name, nodes in dests.items():
-            if name not in dest_grads: continue  # no gradient reached it: the loss does not depend on it
-            lo, hi = nodes[0].min_src_idx, nodes[0].max_src_idx
-            per_edge = _dot_products(dest_grads[name], src_diffs[lo:hi], nodes[0].head_idx is not None,
+    def add_attributions(grad, name):  # in the backward pass: each gradient is used as it arrives, then dropped
+        nodes = dests[name]
+        lo, hi = nodes[0].min_src_idx, nodes[0].max_src_idx
+        with t.no_grad():
+            per_edge = _dot_products(grad.detach(), src_diffs[0][lo:hi], nodes[0].head_idx is not None,
                                      model.seq_len is not None).to(scores[name].dtype)
             if nodes[0].head_idx is not None:  # only the heads the graph has destinations for
                 heads = [d.head_idx for d in nodes]
                 scores[name][..., heads, :] += per_edge[..., heads, :]
             else: scores[name] += per_edge
+    # `model(tokens)` runs the model (after a KV-cached prefix, if any); outside patch mode the patching hooks do nothing
+    with t.no_grad(), adapter.hooks(fwd_hooks=[(name, cache_into(corrupt_cache)) for name in src_hooks]):
+        model(batch.corrupt)
+    fwd_hooks = [(srcs[0].module_name, start_gradients)] + [(name, cache_into(clean_cache)) for name in src_hooks]
+    with frozen_parameters(model.wrapped_model), adapter.hooks(fwd_hooks=fwd_hooks, bwd_hooks=[(name, add_attributions) for name in dests]):
+        logits = model(batch.clean)[model.out_slice]
+        loss = -(batch_avg_answer_diff(logits, batch) if answer_diff else batch_avg_answer_val(logits, batch))
+        with t.no_grad():  # a source's output is linear in its activation: one difference of activations, one stack
+            src_diffs.append(_source_outputs(model, srcs, {n: corrupt_cache.pop(n) - clean_cache.pop(n) for n in src_hooks}))
+        (loss if weight == 1.0 else loss * weight).backward()
     return loss.detach()
 
 # %% ../nbs/04_edge_attribution_patching.ipynb #d1eea589
