@@ -218,7 +218,7 @@ def hook_projection_inputs(self: TransformerLensAdapter, block,
 
 @patch
 def head_weights(self: TransformerLensAdapter, block, letter: str, heads: Optional[t.Tensor] = None) -> Tuple[t.Tensor, t.Tensor]:
-    "`W [head, d_model, d_head]`, `b [head, d_head]` of block `block`'s projection `letter` (see `_head_weights`)."
+    "`W [head, d_model, d_head]`, `b [head, d_head]` of block `block`'s projection `letter`: under grouped-query attention its key/value head's, not repeated."
     return _head_weights(self.model.blocks[block].attn, letter, heads)
 @patch
 def ln1(self: TransformerLensAdapter, block): return self.model.blocks[block].ln1
