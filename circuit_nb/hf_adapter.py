@@ -230,7 +230,7 @@ def _letter_slices(self: HuggingFaceAdapter, out: t.Tensor) -> List[t.Tensor]:
 
 @patch
 def _fuse(self: HuggingFaceAdapter, pieces: List[t.Tensor]) -> t.Tensor:
-    "The inverse of `_letter_slices`."
+    "Q, K and V `[batch, seq, head, d_head]` fused back into the projection's output layout."
     if self.layout.fused == "blocks": return t.cat([p.flatten(-2) for p in pieces], -1)
     return t.cat(pieces, -1).flatten(-2)
 
