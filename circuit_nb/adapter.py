@@ -129,12 +129,12 @@ def has_hooks(module: nn.Module) -> bool:
 
 # %% ../nbs/00a_model_adapter.ipynb #b8cddf97
 def dropout_sites(model: nn.Module, # the model
-                  config=None, # a Hugging Face config, for dropout applied inside attention (`attention_dropout`, `attn_pdrop`)
+                  config=None, # a Hugging Face config, for dropout applied inside attention without a module (`attention_dropout`)
                  ) -> str:
     "Where `model` drops activations in training mode, as a short description; empty when nowhere."
     where = [f"{n} p={m.p}" for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
-    where += [f"config.{k}={getattr(config, k)}" for k in ("attention_dropout", "attn_pdrop")
-              if isinstance(getattr(config, k, None), (int, float)) and getattr(config, k) > 0]
+    p = getattr(config, "attention_dropout", None)  # Llama-style attention drops with the config's value; GPT-2's reads its attn_dropout module
+    if isinstance(p, (int, float)) and p > 0: where.append(f"config.attention_dropout={p}")
     return ", ".join(where[:3]) + (" ..." if len(where) > 3 else "")
 
 def check_no_dropout(model: nn.Module, # the model about to run

@@ -48,7 +48,7 @@ def discover_circuit(task: str = "induction", # a zoo task, see `list_tasks()`
                                                                   PatchType.TREE_PATCH),
                                  ["logit_diff_percent", "kl_div"])
     print("circuit size -> logit difference recovered, KL to the full model (test prompts):")
-    for (k, pct), (_, kl) in zip(*curves.values()): print(f"  {k:>5} edges  {pct:7.1f} %   KL {kl:.4f}")
+    for (k, pct), (_, kl) in zip(*curves.values()): print(f"  {k:>5} edges  {pct:7.1f} %   KL {max(kl, 0.0):.4f}")  # (KL >= 0: a rounding error below 0 prints as 0)
     k = next((k for k, pct in curves["logit_diff_percent"] if pct >= target_percent), model.n_edges)
     results = dict(scores=scores, curves=curves, circuit_size=k)
     if zoo_task.true_edges is not None:

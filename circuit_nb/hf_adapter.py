@@ -322,7 +322,11 @@ def run(self: HuggingFaceAdapter, tokens, *args, kv_cache=None,
 @patch
 def logits(self: HuggingFaceAdapter, resid: t.Tensor) -> t.Tensor:
     "The logits the model computes from residual-stream vectors `resid` `[..., d_model]` leaving its last block."
-    x = self.model.get_submodule(self.layout.final_norm).forward(resid)  # forward: the norm's hooks are patching's
+    norm, unembed = self.model.get_submodule(self.layout.final_norm), self.model.get_output_embeddings()
+    if _user_hooks(unembed) or any(not getattr(h, "__module__", "").startswith("transformers.") for h in norm._forward_hooks.values()):
+        raise RuntimeError("hooks were added on the final norm or the unembedding after the model was wrapped: the wrapper computes the "
+                           "logits at model.out_slice itself and would skip them, where a plain pass runs them; remove them")  # (its pre-hooks are patching's)
+    x = norm.forward(resid)  # forward: the norm's hooks are patching's
     logits = self.model.get_output_embeddings().forward(x)
     cap = getattr(self.model.config, "final_logit_softcapping", None)
     return cap * t.tanh(logits / cap) if cap else logits

@@ -229,12 +229,13 @@ def train_subnetwork_probe(model: PatchableModel, # the wrapped model (see `patc
     _check_sp_args(model, dataloader, learning_rate, epochs, regularize_lambda, mask_fn, dropout_p, init_val, circuit_size,
                    tree_optimisation, avoid_lambda, faithfulness_target, validation_dataloader)
     avoid = [] if avoid_edges is None else resolve_edges(model, avoid_edges, "avoid_edges")
-    train_refs = _References(model, dataloader, tree_optimisation)
-    val_refs = None if validation_dataloader is None else _References(model, validation_dataloader, tree_optimisation)
     history = {k: [] for k in ("loss", "faithfulness", "regularisation", "avoid_penalty", "expected_circuit_size", "validation_faithfulness")}
     in_circuit = lambda mask: circuit_probabilities(mask, mask_fn, tree_optimisation)
     hint = "; logit_diff_percent divides by each prompt's clean answer difference" if faithfulness_target == "logit_diff_percent" else ""
     with _borrowed(model), train_mask_mode(model), _float32_masks(model) as masks, mask_fn_mode(model, mask_fn, dropout_p):
+        # the references too are the model's in eval mode (train_mask_mode): a model that arrives in training mode drops nothing
+        train_refs = _References(model, dataloader, tree_optimisation)
+        val_refs = None if validation_dataloader is None else _References(model, validation_dataloader, tree_optimisation)
         set_all_masks(model, _initial_mask(init_val, mask_fn, tree_optimisation))
         optim = t.optim.Adam(masks.values(), lr=learning_rate)
         for epoch in (bar := progress(range(epochs), desc="Subnetwork probing")):

@@ -144,6 +144,10 @@ def check_kv_cache(self: TransformerLensAdapter, kv_cache):
 @patch
 def logits(self: TransformerLensAdapter, resid: t.Tensor) -> t.Tensor:
     "The logits the model computes from residual-stream vectors `resid` `[..., d_model]` leaving its last block."
+    final = [*getattr(self.model, "ln_final", nn.Identity()).modules(), *self.model.unembed.modules()]
+    if any(has_hooks(m) for m in final):  # (wrapping refused them: these came after)
+        raise RuntimeError("hooks were added on the final norm or the unembedding after the model was wrapped: the wrapper computes the "
+                           "logits at model.out_slice itself and would skip them, where a plain pass runs them; remove them")
     if self.cfg.normalization_type is not None: resid = self.model.ln_final(resid)
     logits = resid @ self.model.unembed.W_U + self.model.unembed.b_U  # W_U as stored: no transposed copy of it
     cap = getattr(self.cfg, "output_logits_soft_cap", None)
