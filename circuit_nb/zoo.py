@@ -93,16 +93,19 @@ def _logits(model: t.nn.Module, # a `HookedTransformer` or a `transformers` caus
     return out if isinstance(out, Tensor) else out.logits
 
 # %% ../nbs/06_zoo.ipynb #e9c7ccd6
-def _train_on_repeats(model: t.nn.Module, # a freshly initialised model, trained in place
+def _train_on_repeats(build: Callable[[], t.nn.Module], # makes the model with freshly drawn initial weights
                       steps: int, # optimizer steps
                       batch_size: int, # sequences per step
                       lr: float, # peak learning rate of the one-cycle schedule
-                      seed: int, # seeds the training data
+                      seed: int, # seeds the initial weights and the training data
                       log_every: int, # print the loss every this many steps (0: never)
-                     ) -> List[float]:
-    "Train `model` on `repeated_segment_batch` sequences (AdamW, one-cycle schedule, loss on the predictable positions only); the loss of every step."
+                     ) -> Tuple[t.nn.Module, List[float]]:
+    "Train a model from `build` on `repeated_segment_batch` sequences (AdamW, one-cycle schedule, loss on the predictable positions only); return it in eval mode and the loss of every step."
     check_int("steps", steps, lo=1); check_int("batch_size", batch_size, lo=1); check_int("log_every", log_every, lo=0)
     check_number("lr", lr, lo=0, lo_open=True); check_int("seed", seed)
+    with t.random.fork_rng():  # the initial weights come from `seed` without touching the caller's random state
+        t.manual_seed(seed)
+        model = build()
     data = t.Generator().manual_seed(seed)
     opt = t.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = t.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
@@ -115,7 +118,7 @@ def _train_on_repeats(model: t.nn.Module, # a freshly initialised model, trained
         opt.zero_grad(); loss.backward(); opt.step(); schedule.step()
         losses.append(loss.item())
         if log_every and (step % log_every == 0 or step == steps - 1): print(f"step {step:5d}  loss {loss.item():.4f}")
-    return losses
+    return model.eval(), losses
 
 # %% ../nbs/06_zoo.ipynb #78729570
 def train_induction_model(steps: int = 1500, # optimizer steps
@@ -125,11 +128,7 @@ def train_induction_model(steps: int = 1500, # optimizer steps
                           log_every: int = 0, # print the loss every this many steps (0: never)
                          ) -> Tuple[HookedTransformer, List[float]]:
     "Train the 2-layer attention-only induction model from scratch; return it and the loss of every step."
-    with t.random.fork_rng():  # the initial weights come from `seed` without touching the caller's random state
-        t.manual_seed(check_int("seed", seed))
-        model = _tl3()[0](induction_config(init_weights=True))
-    losses = _train_on_repeats(model, steps, batch_size, lr, seed, log_every)
-    return model.eval(), losses
+    return _train_on_repeats(lambda: _tl3()[0](induction_config(init_weights=True)), steps, batch_size, lr, seed, log_every)
 
 # %% ../nbs/06_zoo.ipynb #f5c14058
 def repeat_accuracy(model: t.nn.Module, # a model of `induction_config()`'s or `llama_induction_config()`'s shape (TransformerLens or `transformers`)
@@ -233,11 +232,7 @@ def train_llama_induction_model(steps: int = 1000, # optimizer steps
                                 log_every: int = 0, # print the loss every this many steps (0: never)
                                ) -> Tuple[LlamaForCausalLM, List[float]]:
     "Train the Llama-shaped induction model of `llama_induction_config()` from scratch; return it (eval mode) and the loss of every step."
-    with t.random.fork_rng():  # the initial weights come from `seed` without touching the caller's random state
-        t.manual_seed(check_int("seed", seed))
-        model = LlamaForCausalLM(llama_induction_config())
-    losses = _train_on_repeats(model, steps, batch_size, lr, seed, log_every)
-    return model.eval(), losses
+    return _train_on_repeats(lambda: LlamaForCausalLM(llama_induction_config()), steps, batch_size, lr, seed, log_every)
 
 # %% ../nbs/06_zoo.ipynb #9400563e
 LLAMA_INDUCTION_FILE = "llama_induction.safetensors"
