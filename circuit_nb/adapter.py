@@ -15,7 +15,8 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['ADAPTERS', 'NormSpec', 'project_heads', 'normalized_projection', 'norm_vjp', 'per_query_head', 'NormedHeadInputs',
-           'heads_output', 'has_hooks', 'dropout_sites', 'check_no_dropout', 'HookNames', 'HooksByName', 'adapter_for']
+           'heads_output', 'has_hooks', 'dropout_sites', 'check_no_dropout', 'hf_model_refusals', 'refuse_late_hooks',
+           'HookNames', 'HooksByName', 'adapter_for']
 
 # %% ../nbs/00a_model_adapter.ipynb #738564e9
 @dataclass
@@ -145,6 +146,28 @@ def check_no_dropout(model: nn.Module, # the model about to run
         raise RuntimeError(f"the model is in training mode with dropout ({sites}): every pass would drop other activations, "
                            "and no two runs would agree; call model.eval() (train_mask_mode does it for its block)")
 
+# %% ../nbs/00a_model_adapter.ipynb #aeaf27ce
+def hf_model_refusals(model: nn.Module, # a Hugging Face PreTrainedModel
+                     ) -> List[str]:
+    "Why `model` cannot be patched exactly whatever its family: quantized, spread over devices, gradient checkpointing (one sentence each)."
+    refused = []
+    if getattr(model, "is_quantized", False) or getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+        refused.append("the model is quantized: head outputs are computed from the output projection's weights, which it packs")
+    devices = set((getattr(model, "hf_device_map", None) or {}).values())
+    if len(devices) > 1: refused.append(f"hf_device_map spreads the model over {len(devices)} devices: patching keeps every source's output on one")
+    checkpointing = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    if getattr(model, checkpointing, False):  # (transformers 5 renamed the flag)
+        refused.append("gradient checkpointing is on: it recomputes activations in the backward pass, where patching's hooks would run "
+                       "again (model.gradient_checkpointing_disable())")
+    return refused
+
+def refuse_late_hooks(hooked: List[str], # the final norm's and unembedding's modules that carry hooks not patching's
+                     ):
+    "Raise `RuntimeError` if hooks were added on the final norm or the unembedding after the model was wrapped."
+    if hooked:
+        raise RuntimeError(f"hooks were added on the final norm or the unembedding after the model was wrapped ({', '.join(hooked[:3])}): "
+                           "the wrapper computes the logits at model.out_slice itself and would skip them, where a plain pass runs them; remove them")
+
 # %% ../nbs/00a_model_adapter.ipynb #277b4183
 class HookNames:
     "TransformerLens' names of the activations the graph reads and patches, for an adapter with `n_layers`."
@@ -161,6 +184,16 @@ class HookNames:
     def head_in(self, block, letter=None):
         "The per-head input of block `block`: of query/key/value `letter`, or shared by the three when `letter` is None."
         return f"blocks.{block}.hook_{letter.lower()}_input" if letter else f"blocks.{block}.hook_attn_in"
+
+    def source_output(self, module_name: str, # the hook name of the sources' activation
+                      activation: t.Tensor, # that activation
+                      out: Optional[t.Tensor] = None, # `[n, batch, seq, d_model]` to write into (no autograd), or None
+                     ) -> t.Tensor:
+        "What the sources at `module_name` write into the residual stream, `[n, batch, seq, d_model]`: heads from their z through the adapter's `out_weights(block)`."
+        if module_name.endswith("attn.hook_z"): return heads_output(activation, self.out_weights(int(module_name.split(".")[1])), out)
+        if out is None: return activation.unsqueeze(0)
+        out[0].copy_(activation)
+        return out
 
     def head_in_letters(self, module_name: str) -> Optional[Tuple[int, Tuple[str, ...]]]:
         "`(block, letters)` of a per-head input name: the projections it feeds (`('Q',)`, or all three when shared); None otherwise."
@@ -179,6 +212,13 @@ def _grad_at(fn: Callable, name: str, x: t.Tensor) -> Optional[t.Tensor]:
 
 class HooksByName(HookNames):
     "Hooks by name (`hooks`) for families whose models hold no per-head input activations: a head's input gradient comes from its projection's, through the norm (`head_input_vjp`)."
+    def ungroup(self, x: t.Tensor, # [batch, seq, n_key_value_heads · d_head]: keys or values
+               ) -> t.Tensor:
+        "Keys or values repeated to one per query head, `[batch, seq, n_heads · d_head]` (unchanged when they are already)."
+        n_kv, H, dh = self.cfg.n_key_value_heads or self.n_heads, self.n_heads, self.cfg.d_head
+        if n_kv == H or x.shape[-1] != n_kv * dh: return x
+        return x.view(*x.shape[:-1], n_kv, 1, dh).expand(*x.shape[:-1], n_kv, H // n_kv, dh).reshape(*x.shape[:-1], H * dh)
+
     def _head_input_grads(self, name: str, fn: Callable) -> list:
         "Hooks that call fn(gradient `[batch, seq, head, d_model]`, name) with the gradient of per-head input `name`; their handles."
         block, letters = self.head_in_letters(name)

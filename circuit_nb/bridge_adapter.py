@@ -12,7 +12,7 @@ from fastcore.basics import patch
 from torch import nn
 from transformer_lens.model_bridge import TransformerBridge  # TransformerLens 3.9 and 4: where it is missing, `adapter_for` skips the family
 
-from .adapter import HooksByName, NormSpec, NormedHeadInputs, per_query_head, check_no_dropout, dropout_sites, heads_output, normalized_projection, norm_vjp
+from .adapter import HooksByName, NormSpec, NormedHeadInputs, check_no_dropout, dropout_sites, hf_model_refusals, per_query_head, refuse_late_hooks
 
 # %% auto #0
 __all__ = ['bridge_unsupported_features', 'TransformerBridgeAdapter']
@@ -64,9 +64,7 @@ def bridge_unsupported_features(model: TransformerBridge, # the bridge to check
         if reason:
             refused.append(reason)
             break  # the blocks are alike: one is enough
-    if getattr(model.original_model, "is_quantized", False) or getattr(hf_cfg, "quantization_config", None) is not None:
-        refused.append("the model is quantized: head outputs are computed from the output projection's weights, which it packs")
-    return refused
+    return refused + hf_model_refusals(model.original_model)
 
 # %% ../nbs/00g_transformer_bridge_adapter.ipynb #e03a9ade
 class TransformerBridgeAdapter(HooksByName, NormedHeadInputs):
@@ -110,14 +108,6 @@ def hook_point(self: TransformerBridgeAdapter, name: str # a TransformerLens hoo
     raise KeyError(f"the TransformerBridge adapter has no hook point {name!r} (it has blocks.<b>.{', blocks.<b>.'.join(_HOOK_POINTS)})")
 
 # %% ../nbs/00g_transformer_bridge_adapter.ipynb #b1bc8246
-@patch
-def ungroup(self: TransformerBridgeAdapter, x: t.Tensor # [batch, seq, n_key_value_heads · d_head] keys or values
-           ) -> t.Tensor:
-    "Keys or values repeated to one per query head, `[batch, seq, n_heads · d_head]` (unchanged when they are already)."
-    n_kv, H, dh = self.n_key_value_heads, self.n_heads, self.cfg.d_head
-    if n_kv == H or x.shape[-1] != n_kv * dh: return x
-    return x.view(*x.shape[:-1], n_kv, 1, dh).expand(*x.shape[:-1], n_kv, H // n_kv, dh).reshape(*x.shape[:-1], H * dh)
-
 _PER_HEAD = ("attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v")
 
 @patch
@@ -260,16 +250,6 @@ def check_unchanged(self: TransformerBridgeAdapter):
                        f"{', '.join(_FLAGS)} flags); its graph and patching were made for the old values: unwrap it and wrap it again")
 
 # %% ../nbs/00g_transformer_bridge_adapter.ipynb #e4b1934b
-@patch
-def source_output(self: TransformerBridgeAdapter, module_name: str, activation: t.Tensor,
-                  out: Optional[t.Tensor] = None, # `[n, batch, seq, d_model]` to write into (no autograd), or None
-                 ) -> t.Tensor:
-    "What the sources at `module_name` write into the residual stream, `[n, batch, seq, d_model]`."
-    if module_name.endswith("attn.hook_z"): return heads_output(activation, self.out_weights(int(module_name.split(".")[1])), out)
-    if out is None: return activation.unsqueeze(0)
-    out[0].copy_(activation)
-    return out
-
 class _ResidEndReached(Exception):
     "Raised by `run(logits=False)` once the residual stream leaving the last block is known: the rest of the pass is not needed."
 
@@ -297,7 +277,9 @@ def run(self: TransformerBridgeAdapter, tokens: t.Tensor, # [batch, seq] token i
 @patch
 def logits(self: TransformerBridgeAdapter, resid: t.Tensor) -> t.Tensor:
     "The logits the bridge computes from residual-stream vectors `resid` `[..., d_model]` leaving its last block."
-    return self.model.unembed.forward(self.model.ln_final.forward(resid))  # forward: the modules' own hooks would be patching's
+    final = [*self.model.ln_final.named_modules(prefix="ln_final"), *self.model.unembed.named_modules(prefix="unembed")]
+    refuse_late_hooks([n for n, m in final if _hook_ids(m)])  # patching hooks neither (wrapping refused the user's: these came after)
+    return self.model.unembed.forward(self.model.ln_final.forward(resid))
 
 @patch
 def check_kv_cache(self: TransformerBridgeAdapter, kv_cache):

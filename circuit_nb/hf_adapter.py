@@ -14,7 +14,7 @@ from torch import nn
 from fastcore.basics import patch
 
 from .checks import check_tokens
-from .adapter import HooksByName, NormSpec, NormedHeadInputs, per_query_head, check_no_dropout, dropout_sites, has_hooks, heads_output, normalized_projection, norm_vjp
+from .adapter import HooksByName, NormSpec, NormedHeadInputs, check_no_dropout, dropout_sites, hf_model_refusals, per_query_head, refuse_late_hooks
 
 # %% auto #0
 __all__ = ['LAYOUTS', 'HFLayout', 'hf_unsupported_features', 'HFConfigView', 'HuggingFaceAdapter']
@@ -56,10 +56,7 @@ def hf_unsupported_features(model: nn.Module) -> List[str]:
                        "(post_attention_layernorm), so a head adds no output of its own to the residual stream")
     elif kind not in LAYOUTS:
         refused.append(f"model_type={kind!r} is not a family circuit_nb maps onto its graph (supported: {', '.join(sorted(LAYOUTS))})")
-    if getattr(model, "is_quantized", False) or getattr(cfg, "quantization_config", None) is not None:
-        refused.append("the model is quantized: head outputs are computed from the output projection's weights, which it packs")
-    devices = set(getattr(model, "hf_device_map", {}).values())
-    if len(devices) > 1: refused.append(f"hf_device_map spreads the model over {len(devices)} devices: patching keeps every source's output on one")
+    refused += hf_model_refusals(model)
     if kind == "gpt2" and getattr(cfg, "add_cross_attention", False): refused.append("add_cross_attention=True: cross-attention is not in the graph")
     bridged = next((n for n, m in model.named_modules() if type(m).__module__.startswith("transformer_lens")), None)
     if bridged is not None:
@@ -77,9 +74,6 @@ def hf_unsupported_features(model: nn.Module) -> List[str]:
                     break
             else: continue
             break
-    if getattr(model, "is_gradient_checkpointing", False):
-        refused.append("gradient checkpointing is on: it recomputes activations in the backward pass, where patching's hooks would run "
-                       "again (model.gradient_checkpointing_disable())")
     return refused
 
 # %% ../nbs/00f_hugging_face_adapter.ipynb #50890281
@@ -215,13 +209,6 @@ _flat = lambda new, x: new.reshape(*new.shape[:-2], -1)
 
 # %% ../nbs/00f_hugging_face_adapter.ipynb #2f865355
 @patch
-def ungroup(self: HuggingFaceAdapter, x: t.Tensor) -> t.Tensor:
-    "Keys or values `[batch, seq, n_key_value_heads·d_head]` repeated to one per query head `[batch, seq, n_heads·d_head]` (unchanged if already)."
-    n_kv, H, dh = self.cfg.n_key_value_heads, self.n_heads, self.cfg.d_head
-    if n_kv == H or x.shape[-1] != n_kv * dh: return x
-    return x.view(*x.shape[:-1], n_kv, 1, dh).expand(*x.shape[:-1], n_kv, H // n_kv, dh).reshape(*x.shape[:-1], H * dh)
-
-@patch
 def _letter_slices(self: HuggingFaceAdapter, out: t.Tensor) -> List[t.Tensor]:
     "A fused projection's output split into Q, K and V, each `[batch, seq, head, d_head]`."
     H, dh = self.n_heads, self.cfg.d_head
@@ -290,17 +277,6 @@ def hook_projection_inputs(self: HuggingFaceAdapter, block,
         return None
     return [_pre_hook(self.projection(block, "Q"), on_fused, True)]
 
-@patch
-def source_output(self: HuggingFaceAdapter, module_name: str, activation: t.Tensor,
-                  out: Optional[t.Tensor] = None, # `[n, batch, seq, d_model]` to write into (no autograd), or None
-                 ) -> t.Tensor:
-    "What the sources at `module_name` write into the residual stream, `[n, batch, seq, d_model]`."
-    if module_name.endswith("attn.hook_z"):
-        return heads_output(activation, self.out_weights(int(module_name.split(".")[1])), out)
-    if out is None: return activation.unsqueeze(0)
-    out[0].copy_(activation)
-    return out
-
 # %% ../nbs/00f_hugging_face_adapter.ipynb #7dcb8ad8
 @patch
 def run(self: HuggingFaceAdapter, tokens, *args, kv_cache=None,
@@ -323,11 +299,11 @@ def run(self: HuggingFaceAdapter, tokens, *args, kv_cache=None,
 def logits(self: HuggingFaceAdapter, resid: t.Tensor) -> t.Tensor:
     "The logits the model computes from residual-stream vectors `resid` `[..., d_model]` leaving its last block."
     norm, unembed = self.model.get_submodule(self.layout.final_norm), self.model.get_output_embeddings()
-    if _user_hooks(unembed) or any(not getattr(h, "__module__", "").startswith("transformers.") for h in norm._forward_hooks.values()):
-        raise RuntimeError("hooks were added on the final norm or the unembedding after the model was wrapped: the wrapper computes the "
-                           "logits at model.out_slice itself and would skip them, where a plain pass runs them; remove them")  # (its pre-hooks are patching's)
+    late = [n for n, hooked in (("the final norm", any(not getattr(h, "__module__", "").startswith("transformers.") for h in norm._forward_hooks.values())),
+                                ("the unembedding", _user_hooks(unembed))) if hooked]  # (the final norm's pre-hooks are patching's)
+    refuse_late_hooks(late)
     x = norm.forward(resid)  # forward: the norm's hooks are patching's
-    logits = self.model.get_output_embeddings().forward(x)
+    logits = unembed.forward(x)
     cap = getattr(self.model.config, "final_logit_softcapping", None)
     return cap * t.tanh(logits / cap) if cap else logits
 

@@ -15,7 +15,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig  # Trans
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-from .adapter import HookNames, NormSpec, NormedHeadInputs, has_hooks, heads_output, normalized_projection, norm_vjp
+from .adapter import HookNames, NormSpec, NormedHeadInputs, has_hooks, refuse_late_hooks
 
 # %% auto #0
 __all__ = ['TransformerLensAdapter', 'unsupported_features']
@@ -144,10 +144,8 @@ def check_kv_cache(self: TransformerLensAdapter, kv_cache):
 @patch
 def logits(self: TransformerLensAdapter, resid: t.Tensor) -> t.Tensor:
     "The logits the model computes from residual-stream vectors `resid` `[..., d_model]` leaving its last block."
-    final = [*getattr(self.model, "ln_final", nn.Identity()).modules(), *self.model.unembed.modules()]
-    if any(has_hooks(m) for m in final):  # (wrapping refused them: these came after)
-        raise RuntimeError("hooks were added on the final norm or the unembedding after the model was wrapped: the wrapper computes the "
-                           "logits at model.out_slice itself and would skip them, where a plain pass runs them; remove them")
+    final = [*getattr(self.model, "ln_final", nn.Identity()).named_modules(prefix="ln_final"), *self.model.unembed.named_modules(prefix="unembed")]
+    refuse_late_hooks([n for n, m in final if has_hooks(m)])  # (wrapping refused them: these came after)
     if self.cfg.normalization_type is not None: resid = self.model.ln_final(resid)
     logits = resid @ self.model.unembed.W_U + self.model.unembed.b_U  # W_U as stored: no transposed copy of it
     cap = getattr(self.cfg, "output_logits_soft_cap", None)
@@ -168,16 +166,7 @@ def hooks(self: TransformerLensAdapter,
     finally: self.set_flags(previous)
 
 # %% ../nbs/00e_transformer_lens_adapter.ipynb #49bcbd31
-@patch
-def source_output(self: TransformerLensAdapter, module_name: str, activation: t.Tensor,
-                  out: Optional[t.Tensor] = None, # `[n, batch, seq, d_model]` to write into (no autograd), or None
-                 ) -> t.Tensor:
-    "What the sources at hook point `module_name` write into the residual stream, `[n, batch, seq, d_model]`."
-    if module_name.endswith("attn.hook_z"):
-        return heads_output(activation, self.model.blocks[int(module_name.split(".")[1])].attn.W_O, out)
-    if out is None: return activation.unsqueeze(0)
-    out[0].copy_(activation)
-    return out
+#| export
 
 # %% ../nbs/00e_transformer_lens_adapter.ipynb #68cf3801
 @patch(as_prop=True)
@@ -226,6 +215,8 @@ def head_weights(self: TransformerLensAdapter, block, letter: str, heads: Option
     return _head_weights(self.model.blocks[block].attn, letter, heads)
 @patch
 def ln1(self: TransformerLensAdapter, block): return self.model.blocks[block].ln1
+@patch
+def out_weights(self: TransformerLensAdapter, block): return self.model.blocks[block].attn.W_O  # [head, d_head, d_model]
 TransformerLensAdapter.norm_spec = staticmethod(_norm_spec)  # (what `NormedHeadInputs` needs, with `head_weights`)
 
 # %% ../nbs/00e_transformer_lens_adapter.ipynb #ed8fb06a
