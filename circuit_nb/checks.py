@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, RandomSampler
 from .types import PruneScores, check_option
 
 # %% auto #0
-__all__ = ['check_patchable', 'check_named_hooks', 'check_bool', 'check_int', 'check_number', 'check_finite', 'check_autograd',
-           'check_prune_scores', 'check_tokens', 'check_loader']
+__all__ = ['check_patchable', 'check_bool', 'check_int', 'check_number', 'check_finite', 'check_autograd', 'check_prune_scores',
+           'check_tokens', 'check_loader']
 
 # %% ../nbs/00c_checks.ipynb #093ff8a8
 def check_patchable(model, # what the caller passed as the wrapped model
@@ -29,16 +29,6 @@ def check_patchable(model, # what the caller passed as the wrapped model
     if not model.is_wrapped:
         raise ValueError(f"{name} is a PatchableModel that was unwrapped (.unwrap()): wrap the model again with patchable_model(...)")
     return model
-
-# %% ../nbs/00c_checks.ipynb #e0666e77
-def check_named_hooks(model, # a PatchableModel
-                      who: str, # the function asking, named in the message
-                      instead: str, # the call that computes the same scores through the masks
-                     ):
-    "Raise `NotImplementedError` unless the adapter of `model`'s family offers hooks by name (`hooks`), which `who` is written with."
-    if not hasattr(model.patch_state.adapter, "hooks"):
-        raise NotImplementedError(f"{who} is written with hooks by name, which circuit_nb does not offer for a {type(model.wrapped_model).__name__}; "
-                                  f"the same scores come through the masks: {instead}")
 
 # %% ../nbs/00c_checks.ipynb #ec9f0850
 def check_bool(name: str, # the parameter's name, for the message

@@ -289,7 +289,7 @@ def mib_faithfulness(model: PatchableModel, # the wrapped model
                     ) -> Dict[str, object]:
     """MIB's faithfulness curve of a ranking (circuits run with `TREE_PATCH`, as MIB does), with its CPR (area
     under it) and CMD (area between it and 1): `dict(fractions, faithfulness, cpr, cmd)`. A fraction f is the circuit of
-    ⌊f·n_edges + 0.5⌋ edges (`edge_counts_from`). Raises `TypeError`/`ValueError` for a model that is not wrapped, a bad
+    ⌊f·n_edges⌋ edges (`edge_counts_from`, as auto-circuit). Raises `TypeError`/`ValueError` for a model that is not wrapped, a bad
     loader, scores or fractions, and when the full model and the empty circuit have the same logit difference."""
     check_prune_scores(check_patchable(model), prune_scores)
     check_loader(model, dataloader)

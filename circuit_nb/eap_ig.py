@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional, Set
 import torch as t
 from torch import Tensor
 
-from .checks import check_named_hooks, check_bool, check_finite, check_int, check_loader, check_patchable
+from .checks import check_autograd, check_bool, check_finite, check_int, check_loader, check_patchable
 from .data import PromptDataLoader, PromptPairBatch, batch_avg_answer_diff, batch_avg_answer_val
 from .edge_attribution_patching import _dests_by_hook, _dot_products, _source_outputs
 from .graph import PatchableModel
@@ -140,8 +140,7 @@ def _gradient_average_scores(model: PatchableModel, dataloader: PromptDataLoader
                              answer_diff: bool, desc: str) -> PruneScores:
     "The scores of the method whose gradient evaluations `make_steps(model)` lists, over all batches."
     check_patchable(model)
-    check_named_hooks(model, desc, "mask_gradient_prune_scores(model, dataloader, None, \"logit\", \"avg_diff\", "
-                                 "integrated_grad_samples=n) integrates over the masks")
+    check_autograd(desc)
     check_loader(model, dataloader, same_batches=False)
     check_bool("answer_diff", answer_diff)
     steps = make_steps(model)

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Set
 import torch as t
 from torch import Tensor
 
-from .checks import check_named_hooks, check_autograd, check_bool, check_finite, check_loader, check_patchable
+from .checks import check_autograd, check_bool, check_finite, check_loader, check_patchable
 from .data import PromptDataLoader, batch_avg_answer_diff, batch_avg_answer_val
 from .graph import PatchableModel
 from .mask_gradients import _PromptWeights, _all_finite, _check_step_losses, frozen_parameters
@@ -110,7 +110,6 @@ def edge_attribution_patching_prune_scores(model: PatchableModel, # the wrapped 
     scores are not finite."""
     check_autograd("edge_attribution_patching_prune_scores")
     check_patchable(model)
-    check_named_hooks(model, "edge_attribution_patching_prune_scores", "mask_gradient_prune_scores(model, dataloader, None, \"logit\", \"avg_diff\" if answer_diff else \"avg_val\", mask_val=0.0)")
     check_loader(model, dataloader, same_batches=False)
     check_bool("answer_diff", answer_diff)
     srcs = sorted(model.srcs, key=lambda s: s.src_idx)
