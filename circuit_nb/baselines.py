@@ -8,7 +8,6 @@ import math
 from typing import Dict, Iterable, List, Optional, Union
 
 import torch as t
-from torch import Tensor
 
 from .checks import check_int, check_patchable
 from .draw import ImageFigure

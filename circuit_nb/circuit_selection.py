@@ -6,7 +6,7 @@
 from __future__ import annotations
 import heapq
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, List, Sequence, Tuple, Union
+from typing import Dict, FrozenSet, List, Sequence, Tuple
 
 import torch as t
 

@@ -5,7 +5,7 @@
 # %% ../nbs/13_compare.ipynb #8715a42a
 from __future__ import annotations
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch as t
