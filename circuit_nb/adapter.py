@@ -134,15 +134,19 @@ def dropout_sites(model: nn.Module, # the model
                  ) -> str:
     "Where `model` drops activations in training mode, as a short description; empty when nowhere."
     where = [f"{n} p={m.p}" for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
-    p = getattr(config, "attention_dropout", None)  # Llama-style attention drops with the config's value; GPT-2's reads its attn_dropout module
-    if isinstance(p, (int, float)) and p > 0: where.append(f"config.attention_dropout={p}")
+    # Llama-style attention drops with its own `attention_dropout` (from the config); GPT-2's reads its attn_dropout module
+    where += [f"{n or 'the model'}.attention_dropout={m.attention_dropout}" for n, m in model.named_modules()
+              if isinstance(getattr(m, "attention_dropout", None), (int, float)) and m.attention_dropout > 0]
+    p = getattr(config, "attention_dropout", None)
+    if not where and isinstance(p, (int, float)) and p > 0: where.append(f"config.attention_dropout={p}")
     return ", ".join(where[:3]) + (" ..." if len(where) > 3 else "")
 
 def check_no_dropout(model: nn.Module, # the model about to run
-                     sites: str, # `dropout_sites(model)`, noted when it was wrapped
+                     config=None, # its Hugging Face config (see `dropout_sites`)
                     ):
-    "Raise `RuntimeError` if `model` is in training mode and drops activations (`sites`)."
-    if model.training and sites:
+    "Raise `RuntimeError` if `model` is in training mode and drops activations (looked up in each pass: dropout set after wrapping counts)."
+    sites = dropout_sites(model, config) if model.training else ""  # (in eval mode nothing to look up)
+    if sites:
         raise RuntimeError(f"the model is in training mode with dropout ({sites}): every pass would drop other activations, "
                            "and no two runs would agree; call model.eval() (train_mask_mode does it for its block)")
 

@@ -12,7 +12,7 @@ from fastcore.basics import patch
 from torch import nn
 from transformer_lens.model_bridge import TransformerBridge  # TransformerLens 3.9 and 4: where it is missing, `adapter_for` skips the family
 
-from .adapter import HooksByName, NormSpec, NormedHeadInputs, check_no_dropout, dropout_sites, hf_model_refusals, per_query_head, refuse_late_hooks
+from .adapter import HooksByName, NormSpec, NormedHeadInputs, check_no_dropout, hf_model_refusals, per_query_head, refuse_late_hooks
 
 # %% auto #0
 __all__ = ['bridge_unsupported_features', 'TransformerBridgeAdapter']
@@ -228,7 +228,6 @@ def take_over(self: TransformerBridgeAdapter,
             handles += [getattr(block.attn, l).hook_out.register_forward_hook(lambda m, i, x: self.ungroup(x)) for l in "kv"]
     self._taken = dict(flags=flags, groups=groups, handles=handles)
     self._taken["frozen"] = self._computation()
-    self._taken["dropout"] = dropout_sites(self.model, getattr(self.model.original_model, "config", None))
 
 @patch
 def release(self: TransformerBridgeAdapter):
@@ -244,7 +243,7 @@ def release(self: TransformerBridgeAdapter):
 def check_unchanged(self: TransformerBridgeAdapter):
     "Raise `RuntimeError` if the bridge's configuration changed since `take_over` in a way that changes its forward pass, or it is in training mode with dropout."
     if self._taken is None: return
-    check_no_dropout(self.model, self._taken["dropout"])
+    check_no_dropout(self.model, getattr(self.model.original_model, "config", None))
     if self._computation() == self._taken["frozen"]: return
     raise RuntimeError("the TransformerBridge's configuration changed after it was wrapped (its shape, its key/value grouping or its "
                        f"{', '.join(_FLAGS)} flags); its graph and patching were made for the old values: unwrap it and wrap it again")

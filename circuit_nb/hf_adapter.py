@@ -14,7 +14,7 @@ from torch import nn
 from fastcore.basics import patch
 
 from .checks import check_tokens
-from .adapter import HooksByName, NormSpec, NormedHeadInputs, check_no_dropout, dropout_sites, hf_model_refusals, per_query_head, refuse_late_hooks
+from .adapter import HooksByName, NormSpec, NormedHeadInputs, check_no_dropout, hf_model_refusals, per_query_head, refuse_late_hooks
 
 # %% auto #0
 __all__ = ['LAYOUTS', 'HFLayout', 'hf_unsupported_features', 'HFConfigView', 'HuggingFaceAdapter']
@@ -343,7 +343,7 @@ def take_over(self: HuggingFaceAdapter,
             attn.num_key_value_groups = 1
             handles += [_out_hook(self.projection(b, l), self.ungroup, False) for l in "KV"]
     self._pending = {}
-    self._taken = dict(groups=groups, handles=handles, frozen=_computation(self.model), dropout=dropout_sites(self.model, self.model.config))
+    self._taken = dict(groups=groups, handles=handles, frozen=_computation(self.model))
 
 @patch
 def release(self: HuggingFaceAdapter):
@@ -360,4 +360,4 @@ def check_unchanged(self: HuggingFaceAdapter):
     if _computation(self.model) != self._taken["frozen"]:
         raise RuntimeError("model.config changed after the model was wrapped; its graph and patching were made for the old "
                            "values: unwrap it and wrap it again")
-    check_no_dropout(self.model, self._taken["dropout"])
+    check_no_dropout(self.model, self.model.config)
