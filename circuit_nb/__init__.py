@@ -15,6 +15,7 @@ from .tensor_ops import *
 from .adapter import *
 from .hf_adapter import *
 from .bridge_adapter import *
+from .distributed import *
 from .progress_bars import *
 from .graph import *
 from .data import *
@@ -33,9 +34,9 @@ from .acdc import *
 from .storage import *
 from .zoo import *
 from .compare import *
-from . import types, checks, tensor_ops, adapter, hf_adapter, bridge_adapter, progress_bars, graph, data, mask_gradients, edge_attribution_patching, eap_ig, subnetwork_probing, evaluate, baselines, circuits, circuit_selection, prune_metrics, draw, exact_patching, acdc, storage, zoo, compare
+from . import types, checks, tensor_ops, adapter, hf_adapter, bridge_adapter, distributed, progress_bars, graph, data, mask_gradients, edge_attribution_patching, eap_ig, subnetwork_probing, evaluate, baselines, circuits, circuit_selection, prune_metrics, draw, exact_patching, acdc, storage, zoo, compare
 
-_modules = [types, checks, tensor_ops, adapter, hf_adapter, bridge_adapter, progress_bars, graph, data, mask_gradients, edge_attribution_patching, eap_ig, subnetwork_probing, evaluate, baselines, circuits, circuit_selection, prune_metrics, draw, exact_patching, acdc, storage, zoo, compare]
+_modules = [types, checks, tensor_ops, adapter, hf_adapter, bridge_adapter, distributed, progress_bars, graph, data, mask_gradients, edge_attribution_patching, eap_ig, subnetwork_probing, evaluate, baselines, circuits, circuit_selection, prune_metrics, draw, exact_patching, acdc, storage, zoo, compare]
 if int(_version('transformer-lens').split('.')[0]) < 4:  # TransformerLens 3: its HookedTransformer adapter and loader
     from circuit_nb.tl_adapter import *
     from circuit_nb.loading import *

@@ -14,7 +14,8 @@ from torch import Tensor
 
 from .checks import check_bool, check_finite, check_int, check_loader, check_number, check_patchable, check_prune_scores
 from .data import (BatchKey, PromptDataLoader, PromptPairBatch, batch_answer_diffs, batch_avg_answer_val,
-                             batch_src_ablations, correct_answer_proportion, multibatch_kl_div)
+                             correct_answer_proportion, multibatch_kl_div, src_ablation_fn)
+from .distributed import gather_tensors, is_data_parallel, on_every_rank, rank_and_world, share_batches
 from .graph import (PatchableModel, edge_counts_from, draw_graph, out_slice_logits, patch_mode, reusing_buffers,
                               set_mask_batch_size)
 from .progress_bars import progress
@@ -139,59 +140,68 @@ def run_circuits(model: PatchableModel, # the wrapped model
                  circuits_per_pass: Optional[int] = None, # circuits sharing one forward pass (None: enough for `PROMPTS_PER_PASS` prompts)
                 ) -> CircuitOutputs:
     """The model's outputs at `model.out_slice` (e.g. `[batch, vocab]` logits) for the circuit of each size, on
-    every batch: `{edge count: {batch key: outputs}}`, counts sorted. Raises `FloatingPointError` for non-finite outputs."""
+    every batch: `{edge count: {batch key: outputs}}`, counts sorted. With a process group each rank runs its share of the
+    batches and every rank gets all the outputs (`gather_tensors`); only rank 0 draws. Raises `FloatingPointError` for
+    non-finite outputs."""
     counts = _check_circuit_args(model, dataloader, test_edge_counts, prune_scores, patch_type, ablation_type,
                                  reverse_clean_corrupt, render_graph, render_score_threshold, render_file_path, circuits_per_pass)
     ranks = edge_ranks(model, prune_scores)
     run_clean = (patch_type == PatchType.TREE_PATCH) != reverse_clean_corrupt
     clean_corrupt = ("corrupt" if run_clean else "clean") if ablation_type.takes_clean_corrupt else None
-    ablations = batch_src_ablations(model, dataloader, ablation_type, clean_corrupt)
-    outs: CircuitOutputs = {c: {} for c in counts}
-    with t.no_grad(), reusing_buffers(model):
-        for i, batch in enumerate(progress(dataloader, desc="circuits")):
-            tokens = batch.clean if run_clean else batch.corrupt
-            b = tokens.shape[0]
-            for chunk in _chunks(counts, circuits_per_pass or max(1, PROMPTS_PER_PASS // b)):
-                m = len(chunk)
-                masks = _circuit_masks(ranks, t.tensor(chunk), patch_type, model.cfg.dtype)
-                # one group of masks per circuit, over the prompts repeated once per circuit: the ablation values are shared
-                with set_mask_batch_size(model, m), patch_mode(model, ablations[batch.key]):
-                    for name, mask in model.patch_masks.items(): mask.copy_(masks[name])
-                    out = out_slice_logits(model, tokens.repeat(m, 1))
-                check_finite(out, f"the output of the circuits of {chunk} edges on batch {i}")
-                for j, c in enumerate(chunk): outs[c][batch.key] = out[j * b:(j + 1) * b]
-    if render_graph:
+    ablation = src_ablation_fn(model, dataloader, ablation_type, clean_corrupt)
+    share = share_batches(dataloader, unique=True)  # with a process group, this rank's share of the batches
+    local: Dict[Tuple[int, BatchKey], Tensor] = {}
+    def run_share():
+        with t.no_grad(), reusing_buffers(model):
+            for i, batch in progress(share.mine, desc="circuits"):
+                tokens, patch = batch.clean if run_clean else batch.corrupt, ablation(batch)  # one batch's ablations at a time
+                b = tokens.shape[0]
+                for chunk in _chunks(counts, circuits_per_pass or max(1, PROMPTS_PER_PASS // b)):
+                    m = len(chunk)
+                    masks = _circuit_masks(ranks, t.tensor(chunk), patch_type, model.cfg.dtype)
+                    # one group of masks per circuit, over the prompts repeated once per circuit: the ablation values are shared
+                    with set_mask_batch_size(model, m), patch_mode(model, patch):
+                        for name, mask in model.patch_masks.items(): mask.copy_(masks[name])
+                        out = out_slice_logits(model, tokens.repeat(m, 1))
+                    check_finite(out, f"the output of the circuits of {chunk} edges on batch {i}")
+                    for j, c in enumerate(chunk): local[(c, batch.key)] = out[j * b:(j + 1) * b]
+    on_every_rank(run_share)
+    outs = gather_tensors(local, dataloader.prompt_dataset.clean_prompts.device)  # every rank gets every batch's outputs
+    if render_graph and rank_and_world()[0] == 0:
         _render_circuit(model, prune_scores, ranks, counts[-1], float(render_score_threshold), render_file_path)
-    return outs
+    return {c: {key: outs[(c, key)] for key in share.keys} for c in counts}
 
 # %% ../nbs/08_circuits.ipynb #2f1f9a8d
-def _full_outputs(model: PatchableModel, batches: List[PromptPairBatch], compare_to: Optional[str]) -> List[Optional[Tensor]]:
-    "The full model's outputs at `model.out_slice` on each batch's clean or corrupt prompts (`None`s for `compare_to=None`)."
+def _measures(model: PatchableModel, dataloader: PromptDataLoader, circuit_outs: CircuitOutputs,
+              measures: Dict[str, Callable[[Tensor, Tensor, PromptPairBatch], Tensor]], compare_to: Optional[str]) -> Dict[str, Dict[int, Tensor]]:
+    """Each of `measures`, `measure(circuit values, full values, batch)`, per prompt for every circuit size, checked to be
+    finite: `{what: {edge count: [n_prompts, ...]}}`. The full model runs once per batch, on the `compare_to` prompts
+    (None: no run, `full` is None). With a process group each rank measures its share of the batches, and every rank
+    gets every prompt's values."""
     check_option("compare_to", compare_to, ["clean", "corrupt", None])
-    if compare_to is None: return [None] * len(batches)
-    with t.no_grad():
-        return [check_finite(out_slice_logits(model, getattr(b, compare_to)), f"the full model's output on the {compare_to} prompts of batch {i}")
-                for i, b in enumerate(batches)]
-
-def _measure(batches: List[PromptPairBatch], circuit_outs: CircuitOutputs, full: List[Tensor],
-             measure: Callable[[Tensor, Tensor, PromptPairBatch], Tensor], what: str) -> Dict[int, Tensor]:
-    "`measure(circuit values, full values, batch)` per prompt, for every circuit size, checked to be finite."
     if not isinstance(circuit_outs, dict) or not circuit_outs:
         raise ValueError("circuit_outs must be the non-empty {edge count: {batch key: outputs}} that run_circuits returns")
-    values = {}
-    for count, by_batch in sorted(circuit_outs.items()):
-        per_batch = []
-        for i, (b, f) in enumerate(zip(batches, full)):
-            if b.key not in by_batch:
-                raise ValueError(f"circuit_outs[{count}] has no outputs for batch {i} of the dataloader: "
-                                 "compute circuit_outs with run_circuits on this same (unshuffled) dataloader")
-            out = check_finite(by_batch[b.key], f"the output of the circuit of {count} edges on batch {i}")
-            v = measure(out, f, b)
-            if v.ndim == 0 or v.shape[0] != len(b.clean):
-                raise ValueError(f"{what} gave shape {tuple(v.shape)} on batch {i}; a measure gives one value per prompt, [{len(b.clean)}, ...]")
-            per_batch.append(check_finite(v, f"{what} of the circuit of {count} edges on batch {i}"))
-        values[count] = t.cat(per_batch)
-    return values
+    share = share_batches(dataloader)
+    def measure_share():
+        values = {}
+        for i, b in share.mine:
+            with t.no_grad():
+                f = None if compare_to is None else check_finite(out_slice_logits(model, getattr(b, compare_to)),
+                                                                 f"the full model's output on the {compare_to} prompts of batch {i}")
+            for count, by_batch in sorted(circuit_outs.items()):
+                if b.key not in by_batch:
+                    raise ValueError(f"circuit_outs[{count}] has no outputs for batch {i} of the dataloader: "
+                                     "compute circuit_outs with run_circuits on this same (unshuffled) dataloader")
+                out = check_finite(by_batch[b.key], f"the output of the circuit of {count} edges on batch {i}")
+                for what, measure in measures.items():
+                    v = measure(out, f, b)
+                    if v.ndim == 0 or v.shape[0] != len(b.clean):
+                        raise ValueError(f"{what} gave shape {tuple(v.shape)} on batch {i}; a measure gives one value per prompt, [{len(b.clean)}, ...]")
+                    values[(what, count, i)] = check_finite(v, f"{what} of the circuit of {count} edges on batch {i}")
+        return values
+    values = gather_tensors(on_every_rank(measure_share), dataloader.prompt_dataset.clean_prompts.device)
+    return {what: {count: t.cat([values[(what, count, i)] for i in range(len(share.sizes))]) for count in sorted(circuit_outs)}
+            for what in measures}
 
 def prompt_measures(model: PatchableModel, # the wrapped model
                     dataloader: PromptDataLoader, # the prompts `circuit_outs` were computed on
@@ -201,9 +211,10 @@ def prompt_measures(model: PatchableModel, # the wrapped model
                     compare_to: Optional[str] = "clean", # the full model's run: on the "clean" or "corrupt" prompts (None: no run, `full` is None)
                    ) -> Dict[int, Tensor]:
     """One value (or row of values) per prompt for every circuit size, `{edge count: [n_prompts, ...]}` (prompts in the
-    loader's order); raises `FloatingPointError` naming the size and batch of a non-finite value."""
-    batches = list(check_loader(check_patchable(model), dataloader))
-    return _measure(batches, circuit_outs, _full_outputs(model, batches, compare_to), measure, what)
+    loader's order; with a process group, each rank measures its share of the batches and every rank gets all values);
+    raises `FloatingPointError` naming the size and batch of a non-finite value."""
+    check_loader(check_patchable(model), dataloader)
+    return _measures(model, dataloader, circuit_outs, {what: measure}, compare_to)[what]
 
 def _kl_per_prompt(vals, full, batch):
     return t.stack([multibatch_kl_div(v.log_softmax(-1), f.log_softmax(-1)) for v, f in zip(vals, full)])
@@ -253,10 +264,9 @@ def faithfulness_curves(model: PatchableModel, # the wrapped model
     if not isinstance(measures, Sequence): raise TypeError(f"measures must be a list of measure names, not {type(measures).__name__}")
     if not measures: raise ValueError(f"measures is empty: give at least one of {list(FAITHFULNESS_MEASURES)}")
     for m in measures: check_option("measure", m, list(FAITHFULNESS_MEASURES))
-    batches = list(check_loader(check_patchable(model), dataloader))
-    full = _full_outputs(model, batches, "clean")
-    return {m: [(c, v.float().mean().item()) for c, v in _measure(batches, circuit_outs, full, FAITHFULNESS_MEASURES[m], m).items()]
-            for m in measures}
+    check_loader(check_patchable(model), dataloader)
+    values = _measures(model, dataloader, circuit_outs, {m: FAITHFULNESS_MEASURES[m] for m in measures}, "clean")
+    return {m: [(c, v.float().mean().item()) for c, v in values[m].items()] for m in measures}
 
 def curve_area(points: Sequence[Tuple[float, float]], # (x, y) pairs, e.g. a faithfulness curve
                log_x: bool = False, # integrate over log(1 + x), as for circuit sizes spanning decades

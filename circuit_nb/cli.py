@@ -10,6 +10,7 @@ from pathlib import Path
 import torch as t
 from fastcore.script import call_parse, store_true
 
+from .distributed import rank_and_world
 from .circuits import PatchType, circuit_edges, edge_ranks, faithfulness_curves, plot_faithfulness, run_circuits
 from .evaluate import edge_auroc
 from .graph import draw_graph, edge_counts_util, patch_mode, patchable_model, set_all_masks, source_outputs
@@ -30,41 +31,46 @@ def discover_circuit(task: str = "induction", # a zoo task, see `list_tasks()`
                      target_percent: float = 80.0, # the circuit kept is the smallest with this % of the logit difference
                      seed: int = 0, # seeds the prompts
                     ) -> dict:
-    "Score the edges of a zoo task by edge attribution patching, evaluate the top-k circuits, and write the results."
+    """Score the edges of a zoo task by edge attribution patching, evaluate the top-k circuits, and write the results.
+    Under `torchrun` (an initialised process group, see `00h_distributed`) every rank computes its share of the prompts
+    and gets the same results; rank 0 alone prints and writes the files."""
     start = time.perf_counter()
+    lead = rank_and_world()[0] == 0
+    say = print if lead else (lambda *args: None)
     check_int("top", top, lo=0); check_number("target_percent", target_percent, lo=0)
     zoo_task = load_task(task, seed=seed)
     model, out = zoo_task.model, Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"task {task!r}: {model.n_edges} edges; {len(zoo_task.train_loader.dataset)} train / "
+    if lead: out.mkdir(parents=True, exist_ok=True)
+    say(f"task {task!r}: {model.n_edges} edges; {len(zoo_task.train_loader.dataset)} train / "
           f"{len(zoo_task.test_loader.dataset)} test prompts")
     scores = mask_gradient_prune_scores(model, zoo_task.train_loader, None, "logit", "avg_diff", mask_val=0.0)
     ranks = edge_ranks(model, scores)  # refuses non-finite scores
     ranked = sorted(model.edges, key=lambda e: int(e.prune_score(ranks)))
-    print(f"top {top} edges by |edge attribution patching score|:")
-    for e in ranked[:top]: print(f"  {e.name:<28} {e.prune_score(scores).item():+.4f}")
+    say(f"top {top} edges by |edge attribution patching score|:")
+    for e in ranked[:top]: say(f"  {e.name:<28} {e.prune_score(scores).item():+.4f}")
     counts = edge_counts_util(model.edges, EdgeCounts.LOGARITHMIC)
     curves = faithfulness_curves(model, zoo_task.test_loader, run_circuits(model, zoo_task.test_loader, counts, scores,
                                                                   PatchType.TREE_PATCH),
                                  ["logit_diff_percent", "kl_div"])
-    print("circuit size -> logit difference recovered, KL to the full model (test prompts):")
-    for (k, pct), (_, kl) in zip(*curves.values()): print(f"  {k:>5} edges  {pct:7.1f} %   KL {max(kl, 0.0):.4f}")  # (KL >= 0: a rounding error below 0 prints as 0)
+    say("circuit size -> logit difference recovered, KL to the full model (test prompts):")
+    for (k, pct), (_, kl) in zip(*curves.values()): say(f"  {k:>5} edges  {pct:7.1f} %   KL {max(kl, 0.0):.4f}")  # (KL >= 0: a rounding error below 0 prints as 0)
     k = next((k for k, pct in curves["logit_diff_percent"] if pct >= target_percent), model.n_edges)
     results = dict(scores=scores, curves=curves, circuit_size=k)
     if zoo_task.true_edges is not None:
         results["auroc"] = edge_auroc(model, scores, zoo_task.true_edges)
-        print(f"AUROC against the known circuit of {zoo_task.true_edge_count} edges: {results['auroc']:.3f}")
+        say(f"AUROC against the known circuit of {zoo_task.true_edge_count} edges: {results['auroc']:.3f}")
     paths = dict(circuit_figure=out / f"{task}_circuit.png", faithfulness_plot=out / f"{task}_faithfulness.png",
                  scores=out / f"{task}_scores.safetensors", circuit=out / f"{task}_circuit.json")
-    ax = draw_graph(model, scores, top_k=k, title=f"{task}: the {k} edges that recover >= {target_percent:g} % of the logit difference")
-    ax.figure.savefig(paths["circuit_figure"], dpi=120)
-    ax = plot_faithfulness(curves, "logit_diff_percent", label="edge attribution patching")
-    ax.axhline(100, ls=":", color="grey"); ax.figure.savefig(paths["faithfulness_plot"], dpi=120)
-    save_prune_scores(model, scores, paths["scores"])
-    save_circuit(model, circuit_edges(model, scores, k), paths["circuit"])
-    print(f"smallest circuit with >= {target_percent:g} % of the logit difference: {k} edges")
-    for name, path in paths.items(): print(f"wrote {name}: {path}")
-    print(f"done in {time.perf_counter() - start:.1f} s")
+    if lead:
+        ax = draw_graph(model, scores, top_k=k, title=f"{task}: the {k} edges that recover >= {target_percent:g} % of the logit difference")
+        ax.figure.savefig(paths["circuit_figure"], dpi=120)
+        ax = plot_faithfulness(curves, "logit_diff_percent", label="edge attribution patching")
+        ax.axhline(100, ls=":", color="grey"); ax.figure.savefig(paths["faithfulness_plot"], dpi=120)
+        save_prune_scores(model, scores, paths["scores"])
+        save_circuit(model, circuit_edges(model, scores, k), paths["circuit"])
+    say(f"smallest circuit with >= {target_percent:g} % of the logit difference: {k} edges")
+    for name, path in paths.items(): say(f"wrote {name}: {path}")
+    say(f"done in {time.perf_counter() - start:.1f} s")
     model.unwrap()
     return {**results, "paths": paths}
 

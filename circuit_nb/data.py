@@ -8,7 +8,7 @@ import hashlib, json, math, numbers, random, struct
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch as t
 from torch import Tensor
@@ -18,14 +18,15 @@ from fastcore.basics import patch
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from .checks import check_bool, check_int, check_loader, check_patchable, check_tokens
+from .distributed import all_reduce_sum_, on_every_rank, share_batches
 from .graph import PatchableModel, source_outputs
 from .types import AblationType
 
 # %% auto #0
 __all__ = ['BatchKey', 'PromptPair', 'PromptDataset', 'PromptPairBatch', 'batch_key', 'first_divergence', 'collate_prompt_pairs',
-           'PromptDataLoader', 'load_datasets_from_json', 'prefix_kv_cache', 'answer_means', 'batch_avg_answer_val',
-           'batch_answer_diffs', 'batch_avg_answer_diff', 'batch_answer_diff_percents', 'correct_answer_proportion',
-           'multibatch_kl_div', 'src_ablations', 'batch_src_ablations']
+           'batch_rows', 'PromptDataLoader', 'load_datasets_from_json', 'prefix_kv_cache', 'answer_means',
+           'batch_avg_answer_val', 'batch_answer_diffs', 'batch_avg_answer_diff', 'batch_answer_diff_percents',
+           'correct_answer_proportion', 'multibatch_kl_div', 'src_ablations', 'src_ablation_fn', 'batch_src_ablations']
 
 # %% ../nbs/02_data.ipynb #25314460
 def _token_ids(value, # a 1-D tensor or a list of ints (or, with `scalar_ok`, a single int)
@@ -250,6 +251,19 @@ def collate_prompt_pairs(pairs: List[PromptPair], # what the dataset returned fo
     return PromptPairBatch(batch_key(idxs, dataset_fingerprint), first_divergence(clean, corrupt), clean, corrupt,
                            _stack_if_same_shape([p.answers for p in pairs]),
                            _stack_if_same_shape([p.wrong_answers for p in pairs]), idxs)
+
+# %% ../nbs/02_data.ipynb #25677d0d
+def batch_rows(batch: PromptPairBatch, # a batch
+               rows: range, # consecutive rows of it, e.g. one rank's (`rank_rows`)
+              ) -> PromptPairBatch:
+    "The prompts `rows` of `batch` as a batch of their own (its key made from their dataset indices, unlike any whole batch's)."
+    if not isinstance(batch, PromptPairBatch): raise TypeError(f"batch must be a PromptPairBatch, not {type(batch).__name__}")
+    if not isinstance(rows, range) or rows.step != 1 or not 0 <= rows.start < rows.stop <= len(batch.clean):
+        raise ValueError(f"rows must be a non-empty range of consecutive rows of the batch of {len(batch.clean)}, not {rows!r}")
+    pick = lambda a: a[rows.start:rows.stop]
+    clean, corrupt, idxs = pick(batch.clean), pick(batch.corrupt), tuple(batch.prompt_idxs)[rows.start:rows.stop]
+    return PromptPairBatch(batch_key(idxs, b"rows"), first_divergence(clean, corrupt), clean, corrupt, pick(batch.answers),
+                           pick(batch.wrong_answers), idxs)
 
 # %% ../nbs/02_data.ipynb #b1641258
 def _base_prompt_dataset(dataset) -> PromptDataset:
@@ -600,15 +614,19 @@ def _masked_sums(outs: Tensor, # [n_srcs, batch, seq, d_model] source outputs
     return (outs * weights).sum(dims, keepdim=True, dtype=t.float64), weights.sum(dims, keepdim=True)
 
 def _dataset_mean(model: PatchableModel, dataloader: PromptDataLoader, ablation_type: AblationType) -> Tensor:
-    "Per-position mean source outputs over the dataloader's prompts (checked by `check_loader`), `[n_srcs, 1, seq, d_model]`; pad tokens are not counted."
-    total = count = None
-    for batch in dataloader:
-        for side in _MEAN_PROMPTS[ablation_type]:
-            tokens = getattr(batch, side)
-            outs = source_outputs(model, tokens)
-            part, n = _masked_sums(outs, _real_tokens(model, tokens))  # float64: means over big datasets stay exact
-            total, count = (part, n) if total is None else (total + part, count + n)
-    return (total / count.clamp_min(1)).to(outs.dtype)
+    """Per-position mean source outputs over the dataloader's prompts (checked by `check_loader`), `[n_srcs, 1, seq, d_model]`;
+    pad tokens are not counted. With a process group, each rank sums its share of the batches and the sums are all-reduced."""
+    share, tokens = share_batches(dataloader), dataloader.prompt_dataset.clean_prompts
+    total = t.zeros(model.n_srcs, 1, tokens.shape[-1], model.cfg.d_model, dtype=t.float64, device=tokens.device)
+    count = t.zeros(1, 1, tokens.shape[-1], 1, dtype=t.float64, device=tokens.device)
+    def add_share():
+        for _, batch in share.mine:
+            for side in _MEAN_PROMPTS[ablation_type]:
+                part, n = _masked_sums(source_outputs(model, getattr(batch, side)), _real_tokens(model, getattr(batch, side)))
+                total.add_(part); count.add_(n)  # float64: means over big datasets stay exact
+    on_every_rank(add_share)
+    all_reduce_sum_([total, count])
+    return (total / count.clamp_min(1)).to(model.cfg.dtype)
 
 # %% ../nbs/02_data.ipynb #b4ff4dfb
 def src_ablations(model: PatchableModel, # the wrapped model (see `patchable_model`)
@@ -636,6 +654,21 @@ def src_ablations(model: PatchableModel, # the wrapped model (see `patchable_mod
     raise NotImplementedError(f"no ablation values for {ablation_type}")
 
 # %% ../nbs/02_data.ipynb #c791050a
+def src_ablation_fn(model: PatchableModel, # the wrapped model (see `patchable_model`)
+                    dataloader: PromptDataLoader, # the prompts (a dataset mean is taken over all of them, now)
+                    ablation_type: AblationType = AblationType.RESAMPLE, # which value a patched edge carries
+                    clean_corrupt: Optional[Literal["clean", "corrupt"]] = "corrupt", # prompts the value comes from
+                   ) -> Callable[[PromptPairBatch], Tensor]:
+    """A function giving a batch of `dataloader` its ablation values `[n_srcs, batch, seq, d_model]` when it comes: a dataset
+    mean is computed once, now (one row, expanded without copying), any other kind from the batch itself. Methods use it
+    to hold one batch's values at a time."""
+    check_patchable(model)
+    _check_ablation_type(ablation_type).check_clean_corrupt(clean_corrupt)
+    if ablation_type.mean_over_dataset:
+        mean = src_ablations(model, dataloader, ablation_type)
+        return lambda batch: mean.expand(-1, batch.clean.shape[0], -1, -1)
+    return lambda batch: src_ablations(model, batch.clean if clean_corrupt == "clean" else batch.corrupt, ablation_type)
+
 def batch_src_ablations(model: PatchableModel, # the wrapped model (see `patchable_model`)
                         dataloader: PromptDataLoader, # the batches to compute ablation values for; must not shuffle
                         ablation_type: AblationType = AblationType.RESAMPLE, # which value a patched edge carries
@@ -645,15 +678,10 @@ def batch_src_ablations(model: PatchableModel, # the wrapped model (see `patchab
     check_patchable(model)
     _check_ablation_type(ablation_type).check_clean_corrupt(clean_corrupt)
     check_loader(model, dataloader)  # the keys name the batches of later passes, so the loader must not shuffle
-    if ablation_type.mean_over_dataset:
-        mean = src_ablations(model, dataloader, ablation_type)
-        values = ((b.key, mean.expand(-1, b.clean.shape[0], -1, -1)) for b in dataloader)
-    else:
-        values = ((b.key, src_ablations(model, b.clean if clean_corrupt == "clean" else b.corrupt, ablation_type))
-                  for b in dataloader)
+    ablation = src_ablation_fn(model, dataloader, ablation_type, clean_corrupt)
     out: Dict[BatchKey, Tensor] = {}
-    for key, value in values:
-        if key in out: raise ValueError("two batches of the dataloader have the same prompts (and key); "
-                                        "use a sampler that visits each prompt once per pass")
-        out[key] = value
+    for b in dataloader:
+        if b.key in out: raise ValueError("two batches of the dataloader have the same prompts (and key); "
+                                          "use a sampler that visits each prompt once per pass")
+        out[b.key] = ablation(b)
     return out

@@ -12,9 +12,9 @@ from torch import Tensor
 
 from .checks import check_autograd, check_bool, check_finite, check_int, check_loader, check_patchable
 from .data import PromptDataLoader, PromptPairBatch, batch_avg_answer_diff, batch_avg_answer_val
-from .edge_attribution_patching import _dests_by_hook, _dot_products, _source_outputs
+from .edge_attribution_patching import _dests_by_hook, _dot_products, _source_outputs, _zero_scores
 from .graph import PatchableModel
-from .mask_gradients import _PromptWeights, _all_finite, _check_step_losses, frozen_parameters
+from .mask_gradients import frozen_parameters, sum_over_batches
 from .progress_bars import progress
 from .types import DestNode, Edge, PruneScores, SrcNode
 
@@ -119,9 +119,6 @@ def _add_batch_scores(model: PatchableModel, batch: PromptPairBatch, steps: List
         for start in range(0, len(steps), steps_per_pass):
             losses += _stacked_pass(model, batch, steps[start:start + steps_per_pass], src_hooks, list(dests), caches, grads,
                                     answer_diff, weight / len(steps))
-    if not scores:
-        dtype, layout = t.promote_types(model.cfg.dtype, t.float32), model.new_prune_scores()
-        scores.update({name: t.zeros(layout[name].shape, dtype=dtype, device=batch.clean.device) for name in dests})
     with t.no_grad():
         src_diffs = _source_outputs(model, srcs, caches["corrupt"]) - _source_outputs(model, srcs, caches["clean"])  # [n_srcs, batch, seq, d_model]
         for name, nodes in dests.items():
@@ -147,21 +144,9 @@ def _gradient_average_scores(model: PatchableModel, dataloader: PromptDataLoader
     steps_per_pass = len(steps) if steps_per_pass is None else check_int("steps_per_pass", steps_per_pass, lo=1)
     srcs = sorted(model.srcs, key=lambda s: s.src_idx)
     dests = _dests_by_hook(model)
-    layout = model.new_prune_scores()
-    scores: PruneScores = {}
-    weights, losses, names = _PromptWeights(), [], []
-    for i, batch in enumerate(progress(dataloader, desc=desc)):
-        losses += _add_batch_scores(model, batch, steps, steps_per_pass, srcs, dests, scores, answer_diff, weights(batch.clean.shape[0]))
-        names += [f"batch {i} (key {batch.key}) of the dataloader, {s.label}" for s in steps]
-    _check_step_losses(losses, names)
-    if not _all_finite(scores):  # finite losses, non-finite gradients: find the batch (only now, a second pass)
-        for i, batch in enumerate(dataloader):
-            part: PruneScores = {}
-            _add_batch_scores(model, batch, steps, steps_per_pass, srcs, dests, part, answer_diff, 1.0)
-            for name, s in part.items(): check_finite(s, f"the attribution scores at {name} on batch {i} (key {batch.key}) of the dataloader")
-        for name, s in scores.items(): check_finite(s, f"the summed attribution scores at {name}")
-    weights.finish(scores)
-    return {name: scores[name].to(layout[name].device) for name in layout}
+    add_batch = lambda batch, scores, weight: _add_batch_scores(model, batch, steps, steps_per_pass, srcs, dests, scores, answer_diff, weight)
+    step_names = lambda i, batch: [f"batch {i} (key {batch.key}) of the dataloader, {s.label}" for s in steps]
+    return sum_over_batches(dataloader, _zero_scores(model), add_batch, step_names, "attribution scores")
 
 # %% ../nbs/04a_eap_ig.ipynb #26d0f85d
 def eap_ig_inputs_prune_scores(model: PatchableModel, # the wrapped model (its masks are not used)

@@ -13,7 +13,7 @@ from torch import Tensor
 from .checks import check_autograd, check_bool, check_finite, check_loader, check_patchable
 from .data import PromptDataLoader, batch_avg_answer_diff, batch_avg_answer_val
 from .graph import PatchableModel
-from .mask_gradients import _PromptWeights, _all_finite, _check_step_losses, frozen_parameters
+from .mask_gradients import frozen_parameters, sum_over_batches
 from .progress_bars import progress
 from .types import DestNode, Edge, PruneScores, SrcNode
 
@@ -35,6 +35,11 @@ def _dests_by_hook(model: PatchableModel) -> Dict[str, List[DestNode]]:
         if len({(d.min_src_idx, d.max_src_idx) for d in nodes}) != 1:
             raise NotImplementedError(f"the destinations at {name} read different sources, which this implementation does not support")
     return groups
+
+def _zero_scores(model: PatchableModel) -> PruneScores:
+    "Zero scores shaped like the masks, each on its mask's device, in the model's dtype or float32 if that is narrower."
+    dtype = t.promote_types(model.cfg.dtype, t.float32)
+    return {name: s.to(dtype) for name, s in model.new_prune_scores().items()}
 
 # %% ../nbs/04_edge_attribution_patching.ipynb #9d1e1ad3
 def _dot_products(grad: Tensor, # [batch, seq, head, d_model] or [batch, seq, d_model]: ∂loss/∂(dest input)
@@ -61,15 +66,12 @@ def hook_points_exposed(tl_model: HookedTransformer, hook_names):
 # %% ../nbs/04_edge_attribution_patching.ipynb #bf8ac44d
 def _add_batch_attributions(model: PatchableModel, batch, srcs: List[SrcNode], dests: Dict[str, List[DestNode]],
                             scores: PruneScores, answer_diff: bool, weight: float) -> Tensor:
-    "Add `weight` × `batch`'s attribution scores into `scores` (allocating them on first use); return its loss."
+    "Add `weight` × `batch`'s attribution scores into `scores` (zeros from `_zero_scores`, each on its module's device); return its loss."
     adapter = model.patch_state.adapter
     src_hooks = list(dict.fromkeys(s.module_name for s in srcs))
     corrupt_cache: Dict[str, Tensor] = {}
     clean_cache: Dict[str, Tensor] = {}
     src_diffs: List[Tensor] = []  # [n_srcs, batch, seq, d_model]: corrupt − clean source outputs, once the clean run is done
-    if not scores:
-        dtype, layout = t.promote_types(model.cfg.dtype, t.float32), model.new_prune_scores()
-        scores.update({name: t.zeros(layout[name].shape, dtype=dtype, device=batch.clean.device) for name in dests})
     def cache_into(cache):
         def hook_fn(act, name): cache[name] = act.detach()
         return hook_fn
@@ -105,27 +107,15 @@ def edge_attribution_patching_prune_scores(model: PatchableModel, # the wrapped 
                                           ) -> PruneScores:
     """Edge attribution patching (Syed et al. 2023): for every edge, Σ over batches and positions of ∂loss/∂(dest input)
     on the clean run · (corrupt − clean source output), each prompt weighing the same (see the prompt weights of
-    `03_mask_gradients`). One tensor per destination module, shaped like its mask `[seq?, head?, source]`, on the
-    masks' device. A `TypeError`/`ValueError` names a bad argument; a `FloatingPointError` the batch whose loss or
-    scores are not finite."""
+    `03_mask_gradients`; split across the ranks of a process group, see `sum_over_batches`). One tensor per destination
+    module, shaped like its mask `[seq?, head?, source]`, on the masks' device. A `TypeError`/`ValueError` names a bad
+    argument; a `FloatingPointError` the batch whose loss or scores are not finite."""
     check_autograd("edge_attribution_patching_prune_scores")
     check_patchable(model)
     check_loader(model, dataloader, same_batches=False)
     check_bool("answer_diff", answer_diff)
     srcs = sorted(model.srcs, key=lambda s: s.src_idx)
     dests = _dests_by_hook(model)
-    layout = model.new_prune_scores()
-    scores: PruneScores = {}
-    weights, losses, names = _PromptWeights(), [], []
-    for i, batch in enumerate(progress(dataloader, desc="edge attribution patching")):
-        losses.append(_add_batch_attributions(model, batch, srcs, dests, scores, answer_diff, weights(batch.clean.shape[0])))
-        names.append(f"batch {i} (key {batch.key}) of the dataloader")
-    _check_step_losses(losses, names)
-    if not _all_finite(scores):  # a finite loss with non-finite gradients: find the batch (only now, a second pass)
-        for i, batch in enumerate(dataloader):
-            part: PruneScores = {}
-            _add_batch_attributions(model, batch, srcs, dests, part, answer_diff, 1.0)
-            for name, s in part.items(): check_finite(s, f"the attribution scores at {name} on batch {i} (key {batch.key}) of the dataloader")
-        for name, s in scores.items(): check_finite(s, f"the summed attribution scores at {name}")
-    weights.finish(scores)
-    return {name: scores[name].to(layout[name].device) for name in layout}
+    add_batch = lambda batch, scores, weight: [_add_batch_attributions(model, batch, srcs, dests, scores, answer_diff, weight)]
+    return sum_over_batches(dataloader, _zero_scores(model), add_batch, lambda i, batch: [f"batch {i} (key {batch.key}) of the dataloader"],
+                            "attribution scores")

@@ -10,8 +10,8 @@ import torch as t
 from torch import Tensor
 
 from .checks import check_bool, check_finite, check_int, check_loader, check_patchable, check_prune_scores
-from .data import (PromptDataLoader, PromptPairBatch, answer_means, batch_answer_diffs,
-                             batch_src_ablations)
+from .data import PromptDataLoader, PromptPairBatch, answer_means, batch_answer_diffs, src_ablation_fn
+from .distributed import all_reduce_sum_, on_every_rank, share_batches
 from .graph import PatchableModel, out_slice_logits, patch_mode, reusing_buffers, set_mask_batch_size
 from .mask_gradients import ANSWER_FUNCTIONS, answer_distribution
 from .progress_bars import progress
@@ -155,35 +155,41 @@ def exact_prune_scores(model: PatchableModel, # the wrapped model (see `patchabl
     answer distribution (`mse`): edge attribution patching's sign, so EAP ≈ these scores to first order.
     Shapes like the masks (`model.new_prune_scores()`), per position with `seq_len`. Costs one forward pass
     per edge and batch, shared by `edges_per_pass` edges (under causal attention, per-position edges before a
-    batch's first clean/corrupt difference need none: their score is 0). A KV-cached loader needs the model wrapped
+    batch's first clean/corrupt difference need none: their score is 0); with a process group the batches are split
+    across the ranks and the sums all-reduced (`00h_distributed`). A KV-cached loader needs the model wrapped
     with its prefix (`kv_caches`). Raises `TypeError`/`ValueError` for a model that is not wrapped, a shuffled or
     empty loader, a KV-cached one the model does not serve, or bad options; `FloatingPointError` on non-finite losses."""
     check_patchable(model)
     check_loader(model, dataloader)
     check_option("answer_function", answer_function, ANSWER_FUNCTIONS)
     if edges_per_pass is not None: edges_per_pass = check_int("edges_per_pass", edges_per_pass, lo=1)
-    ablations = batch_src_ablations(model, dataloader, ablation_type, clean_corrupt)
+    ablation = src_ablation_fn(model, dataloader, ablation_type, clean_corrupt)
     edges = list(model.edges)
-    batches = list(dataloader)
+    share = share_batches(dataloader, unique=True)  # with a process group, this rank's share of the batches
     resample = ablation_type == AblationType.RESAMPLE and clean_corrupt == "corrupt"
     passes = []  # the plan, for a progress bar that moves on large graphs too
-    for batch in batches:
+    for _, batch in share.mine:
         todo = _changed_edges(edges, batch.batch_diverge_idx if resample else 0, _is_causal(model))
         passes += [(batch, todo[c.start:c.stop]) for c in _chunks(len(todo), edges_per_pass or groups_per_pass(model, batch.clean))]
-    totals, clean = t.zeros(len(edges), dtype=t.float64), {}
-    with t.no_grad(), reusing_buffers(model):
-        for batch, chunk in progress(passes, desc="exact patching: passes"):
-            if batch.key not in clean:
-                clean[batch.key] = check_finite(prompt_losses(_at_least_float32(out_slice_logits(model, batch.clean)), batch,
-                                                              answer_function), "the loss of the clean run")
-            out = run_mask_groups(model, batch.clean, ablations[batch.key], _group_masks(model, [[edges[i]] for i in chunk]))
-            losses = prompt_losses(_at_least_float32(out), tiled_batch(batch, len(chunk)), answer_function).view(len(chunk), -1)
-            finite = t.isfinite(losses).all(1)
-            if not bool(finite.all()):  # name the first edge whose patching gave a non-finite loss
-                g = int((~finite).nonzero()[0])
-                check_finite(losses[g], f"the loss with edge {edges[chunk[g]]!r} patched")
-            totals.index_add_(0, t.tensor(chunk), (losses - clean[batch.key]).sum(1).double().cpu())
-    n_prompts = sum(len(b.clean) for b in batches)
+    totals = t.zeros(len(edges), dtype=t.float64)
+    def add_share():
+        current = None  # (batch key, its clean loss, its ablation values): one batch's at a time
+        with t.no_grad(), reusing_buffers(model):
+            for batch, chunk in progress(passes, desc="exact patching: passes"):
+                if current is None or current[0] != batch.key:
+                    clean = check_finite(prompt_losses(_at_least_float32(out_slice_logits(model, batch.clean)), batch,
+                                                       answer_function), "the loss of the clean run")
+                    current = (batch.key, clean, ablation(batch))
+                out = run_mask_groups(model, batch.clean, current[2], _group_masks(model, [[edges[i]] for i in chunk]))
+                losses = prompt_losses(_at_least_float32(out), tiled_batch(batch, len(chunk)), answer_function).view(len(chunk), -1)
+                finite = t.isfinite(losses).all(1)
+                if not bool(finite.all()):  # name the first edge whose patching gave a non-finite loss
+                    g = int((~finite).nonzero()[0])
+                    check_finite(losses[g], f"the loss with edge {edges[chunk[g]]!r} patched")
+                totals.index_add_(0, t.tensor(chunk), (losses - current[1]).sum(1).double().cpu())
+    on_every_rank(add_share)
+    all_reduce_sum_([totals])
+    n_prompts = share.n_prompts
     scores = model.new_prune_scores()
     means = (totals / n_prompts).tolist()
     for e, s in zip(edges, means): scores[e.dest.module_name][e.patch_idx] = s

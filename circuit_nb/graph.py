@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_graph.ipynb #38f39914
 from __future__ import annotations
-import gc, math, numbers, weakref
+import gc, hashlib, math, numbers, weakref
 from collections import abc
 from functools import partial
 from itertools import chain, count, repeat
@@ -24,8 +24,8 @@ from .types import *
 __all__ = ['HARD_CONCRETE_STRETCH', 'HARD_CONCRETE_TEMPERATURE', 'OUT_SLICES', 'EdgeSet', 'graph_edges', 'MaskedSum',
            'UnchangedInput', 'hard_concrete', 'PatchState', 'PatchWrapper', 'MixedInput', 'make_model_patchable',
            'PatchableModel', 'patchable_model', 'resolve_edges', 'patch_mode', 'reusing_buffers', 'source_outputs',
-           'set_all_masks', 'set_masks', 'MaskParameters', 'train_mask_mode', 'mask_fn_mode', 'set_mask_batch_size',
-           'out_slice_logits', 'edge_counts_from', 'edge_counts_util', 'draw_graph']
+           'set_all_masks', 'set_masks', 'MaskParameters', 'train_mask_mode', 'mask_fn_mode', 'seeded_gate_noise',
+           'set_mask_batch_size', 'out_slice_logits', 'edge_counts_from', 'edge_counts_util', 'draw_graph']
 
 # %% ../nbs/01_graph.ipynb #e8ebc2b1
 def _check_tokens(model, tokens, name: str = "tokens") -> Tensor:
@@ -255,12 +255,13 @@ HARD_CONCRETE_STRETCH, HARD_CONCRETE_TEMPERATURE = (-0.1, 1.1), 2 / 3
 
 def hard_concrete(log_alpha: Tensor, # the gate's location parameter (the learned mask value)
                   batch_size: Optional[int] = None, # sample one gate per prompt for this many prompts
-                  sample: bool = True): # sample (training), or take the noise-free value (evaluation)
+                  sample: bool = True, # sample (training), or take the noise-free value (evaluation)
+                  uniform: Optional[Tensor] = None): # the uniform noise to sample with, shaped like the sample (default: drawn here)
     "The hard concrete gate of Louizos et al. (2018) for `log_alpha`, with a leading batch axis when sampled per prompt."
     lo, hi = HARD_CONCRETE_STRETCH
     if sample:
         shape = log_alpha.shape if batch_size is None else (batch_size, *log_alpha.shape)
-        u = t.rand(shape, device=log_alpha.device, dtype=log_alpha.dtype).clamp(1e-6, 1 - 1e-6)
+        u = (t.rand(shape, device=log_alpha.device, dtype=log_alpha.dtype) if uniform is None else uniform).clamp(1e-6, 1 - 1e-6)
         gate = t.sigmoid((u.log() - (1 - u).log() + log_alpha) / HARD_CONCRETE_TEMPERATURE)
     else: gate = t.sigmoid(log_alpha)
     return (gate * (hi - lo) + lo).clamp(0, 1)
@@ -275,6 +276,7 @@ class PatchState:
         self.capture: Optional[Tensor] = None  # where to copy source outputs, when asked
         self.mask_fn: MaskFn = None
         self.dropout_p = 0.0
+        self.noise: Optional[Tuple[int, range, int]] = None  # (seed, rows, total) inside `seeded_gate_noise`
         self.src_ranges: List[Tuple[int, int]] = []  # the src_idx range of each source wrapper, by position
         self.stages: Dict[int, list] = {}  # block -> destinations whose patches are computed together there
         self.projected_by: Dict[Tuple[int, str], nn.Module] = {}  # (block, letter) -> the destination patching that projection
@@ -430,16 +432,34 @@ def _record(self: PatchWrapper, x: Tensor):
     state.curr[self.src_position] = out
 
 # %% ../nbs/01_graph.ipynb #4887be37
+def _seeded_uniforms(self: PatchWrapper, per_prompt: bool) -> List[Tensor]:
+    """Two uniform samples (gate noise, dropout) for this destination's mask from `seeded_gate_noise`'s seed and the
+    destination's name: `[rows, *mask_shape]`, the block's rows of a sample for all its prompts, when `per_prompt`."""
+    seed, rows, total = self.state.noise
+    mask = self.patch_mask
+    name = int.from_bytes(hashlib.blake2b(self.module_name.encode(), digest_size=7).digest(), "little")
+    generator = t.Generator(device=mask.device)
+    generator.manual_seed((seed * 0x9E3779B97F4A7C15 + name) % 2 ** 63)
+    shape = (total, *mask.shape) if per_prompt else mask.shape
+    draws = [t.rand(shape, generator=generator, device=mask.device, dtype=mask.dtype) for _ in range(2)]
+    return [d[rows.start:rows.stop] for d in draws] if per_prompt else draws
+
 def _effective_mask(self: PatchWrapper, batch_size: int) -> Tensor:
     "The mask after the mask function and dropout, as `[batch|1, seq|1, head|1, src]`."
     state, mask = self.state, self.patch_mask
     batched = mask.ndim > len(self.mask_shape)
+    sample = self.training  # the wrappers' mode: `train_mask_mode` samples with the model itself in eval mode
+    per_prompt = sample and state.mask_fn == "hard_concrete" and not batched
+    if state.noise is not None and per_prompt and len(state.noise[1]) != batch_size:
+        raise ValueError(f"seeded_gate_noise was given rows {state.noise[1]} but the model runs a batch of {batch_size} prompts")
+    noise = _seeded_uniforms(self, per_prompt) if state.noise is not None and sample else [None, None]
     if state.mask_fn == "hard_concrete":
-        sample = self.training  # the wrappers' mode: `train_mask_mode` samples with the model itself in eval mode
-        mask = hard_concrete(mask, None if batched or not sample else batch_size, sample=sample)
+        mask = hard_concrete(mask, batch_size if per_prompt else None, sample=sample, uniform=noise[0])
         batched = batched or sample
     elif state.mask_fn == "sigmoid": mask = t.sigmoid(mask)
-    if state.dropout_p > 0 and self.training: mask = t.nn.functional.dropout(mask, state.dropout_p)
+    if state.dropout_p > 0 and sample:
+        mask = (t.nn.functional.dropout(mask, state.dropout_p) if noise[1] is None
+                else mask * (noise[1] >= state.dropout_p) / (1 - state.dropout_p))
     if not self.n_heads: mask = mask.unsqueeze(-2)
     if state.seq_len is None: mask = mask.unsqueeze(-3)
     return mask if batched else mask.unsqueeze(0)
@@ -1046,6 +1066,24 @@ def mask_fn_mode(model: PatchableModel, # the wrapped model
     try:
         with _restoring_masks(model): yield
     finally: state.mask_fn, state.dropout_p = saved
+
+@contextmanager
+def seeded_gate_noise(model: PatchableModel, # the wrapped model
+                      seed: int, # the noise's seed (a different one for every training step)
+                      rows: range, # the prompts of the batch the model runs in the block, e.g. range(0, 3)
+                      total: int, # the prompts of the whole batch they are part of
+                     ):
+    """Within the block, sampled gates (hard concrete, mask dropout) draw their noise from generators seeded by `seed` and
+    each destination's name, the same on any device and in any process: the gate of prompt j of a batch is the same
+    whether one process runs the whole batch (`rows=range(total)`) or another process runs rows that include j."""
+    state = check_patchable(model).patch_state
+    check_int("seed", seed)
+    total = check_int("total", total, lo=1)
+    if not isinstance(rows, range) or rows.step != 1 or not 0 <= rows.start < rows.stop <= total:
+        raise ValueError(f"rows must be a range of consecutive prompts within the batch of {total}, not {rows!r}")
+    saved, state.noise = state.noise, (int(seed), rows, total)
+    try: yield
+    finally: state.noise = saved
 
 @contextmanager
 def set_mask_batch_size(model: PatchableModel, # the wrapped model

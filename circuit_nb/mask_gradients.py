@@ -14,14 +14,15 @@ from torch import Tensor, nn
 
 from .checks import check_autograd, check_finite, check_int, check_loader, check_number, check_patchable
 from .data import (PromptDataLoader, PromptPairBatch, batch_avg_answer_diff, batch_avg_answer_val,
-                             batch_src_ablations, src_ablations)
+                             src_ablation_fn)
+from .distributed import all_reduce_sum_, on_every_rank, share_batches
 from .graph import PatchableModel, draw_graph, out_slice_logits, patch_mode, set_all_masks, train_mask_mode
 from .progress_bars import progress, show_progress
 from .types import AblationType, Edge, PruneScores, check_option
 
 # %% auto #0
 __all__ = ['GRAD_FUNCTIONS', 'ANSWER_FUNCTIONS', 'token_values', 'answer_distribution', 'answer_loss', 'frozen_parameters',
-           'mask_gradient_prune_scores', 'MaskGradientExplorer', 'mask_gradient_explorer']
+           'sum_over_batches', 'mask_gradient_prune_scores', 'MaskGradientExplorer', 'mask_gradient_explorer']
 
 # %% ../nbs/03_mask_gradients.ipynb #38ec1423
 GRAD_FUNCTIONS = ("logit", "prob", "logprob", "logit_exp")  # what mask gradients differentiate, see `token_values`
@@ -82,26 +83,6 @@ def frozen_parameters(module: nn.Module, # the module whose parameters stop requ
     finally:
         for p, requires_grad in zip(params, saved): p.requires_grad_(requires_grad)
 
-# %% ../nbs/03_mask_gradients.ipynb #62061264
-class _PromptWeights:
-    "Weights that make a sum of per-batch means count every prompt the same; 1.0 (no change) when the batches are equal."
-    def __init__(self): self.first, self.n_batches, self.n_prompts = None, 0, 0
-
-    def __call__(self, batch_size: int, # prompts in the next batch
-                ) -> float:
-        "The next batch's weight: its size over the first batch's."
-        if self.first is None: self.first = batch_size
-        self.n_batches, self.n_prompts = self.n_batches + 1, self.n_prompts + batch_size
-        return batch_size / self.first
-
-    def finish(self, scores: PruneScores, # the weighted sums, scaled in place
-              ) -> PruneScores:
-        "Scale the weighted sums to n_batches × the mean over prompts (nothing to do when the batches were equal)."
-        factor = self.first * self.n_batches / self.n_prompts if self.n_prompts else 1.0
-        if factor != 1.0:
-            for s in scores.values(): s.mul_(factor)
-        return scores
-
 # %% ../nbs/03_mask_gradients.ipynb #4bad6441
 def _check_step_losses(losses: List[Tensor], # each step's scalar loss, in order (not yet synchronised)
                        names: List[str], # what each step is, for the message: "batch 3 (key ...) at mask value 0.5"
@@ -117,6 +98,37 @@ def _check_step_losses(losses: List[Tensor], # each step's scalar loss, in order
 def _all_finite(scores: PruneScores) -> bool:
     "Whether every score is finite (one synchronisation)."
     return bool(t.stack([s.isfinite().all() for s in scores.values()]).all())
+
+# %% ../nbs/03_mask_gradients.ipynb #f2ffcd8a
+def sum_over_batches(dataloader: PromptDataLoader, # the prompts: one pass, split across the ranks of a process group, if any
+                     scores: PruneScores, # zeros shaped like the scores (the same on every rank), added into in place
+                     add_batch: Callable[[PromptPairBatch, PruneScores, float], List[Tensor]], # adds weight × a batch's scores; returns its steps' losses
+                     step_names: Callable[[int, PromptPairBatch], List[str]], # what those steps are, for messages: "batch 3 (key ...) ..."
+                     what: str, # what the scores are, for messages and the progress bar: "mask gradients"
+                     unique: bool = False, # refuse two batches with the same key
+                    ) -> PruneScores:
+    """`scores` + Σ over the batches of `dataloader` of what `add_batch` adds for each, weighted so that every prompt counts
+    the same (`BatchShare.prompt_weight`): this rank's share of the batches, summed over the ranks (`00h_distributed`).
+    A `FloatingPointError` names the first step whose loss is not finite, or, when the losses are finite but the sums are
+    not, the batch whose scores are not (found by a second pass, only then), on every rank."""
+    share = share_batches(dataloader, unique=unique)
+    def add_share():
+        losses, names = [], []
+        for i, batch in progress(share.mine, desc=what):
+            losses += add_batch(batch, scores, share.prompt_weight(i))
+            names += step_names(i, batch)
+        _check_step_losses(losses, names)
+    def find_batch():
+        for i, batch in share.mine:
+            part = {name: t.zeros_like(s) for name, s in scores.items()}
+            add_batch(batch, part, 1.0)
+            for name, s in part.items(): check_finite(s, f"the {what} at {name} on batch {i} (key {batch.key}) of the dataloader")
+    on_every_rank(add_share)
+    all_reduce_sum_(list(scores.values()))
+    if not _all_finite(scores):
+        on_every_rank(find_batch)
+        for name, s in scores.items(): check_finite(s, f"the summed {what} at {name}")
+    return scores
 
 # %% ../nbs/03_mask_gradients.ipynb #13655d7f
 def _mask_values(mask_val: Optional[float], integrated_grad_samples: Optional[int]) -> List[float]:
@@ -137,17 +149,6 @@ def _batch_gradients(model: PatchableModel, batch: PromptPairBatch, src_outs: Te
         grads = t.autograd.grad(loss, params, allow_unused=True)
     return loss.detach(), grads
 
-# %% ../nbs/03_mask_gradients.ipynb #d4233a34
-def _ablations_by_batch(model: PatchableModel, dataloader: PromptDataLoader, ablation_type: AblationType,
-                        clean_corrupt: Optional[str]) -> Callable[[], Iterator[Tuple[PromptPairBatch, Tensor]]]:
-    "A pass over `dataloader` yielding each batch with its ablation values, computed as the batch comes (a dataset mean once, up front)."
-    mean = src_ablations(model, dataloader, ablation_type) if ablation_type.mean_over_dataset else None
-    def batches():
-        for batch in dataloader:
-            if mean is not None: yield batch, mean.expand(-1, batch.clean.shape[0], -1, -1)
-            else: yield batch, src_ablations(model, batch.clean if clean_corrupt == "clean" else batch.corrupt, ablation_type)
-    return batches
-
 # %% ../nbs/03_mask_gradients.ipynb #56c98dca
 def mask_gradient_prune_scores(model: PatchableModel, # the wrapped model
                                dataloader: PromptDataLoader, # the prompts; must yield the same batches on every pass (shuffle=False)
@@ -162,8 +163,9 @@ def mask_gradient_prune_scores(model: PatchableModel, # the wrapped model
     """Score each edge by the gradient of the loss with respect to its mask (attribution patching, Syed et al. 2023, at
     `mask_val=0`; integrated gradients, Sundararajan et al. 2017, with `integrated_grad_samples`): one tensor per
     destination module, shaped like its mask `[seq?, head?, source]`, summed over batches (each prompt weighing the same,
-    see the prompt weights above) and mask values. A `TypeError`/`ValueError` names a bad argument; a `FloatingPointError`
-    names the batch whose loss or gradients are not finite."""
+    see the prompt weights above; split across the ranks of a process group, see `sum_over_batches`) and mask values.
+    A `TypeError`/`ValueError` names a bad argument; a `FloatingPointError` names the batch whose loss or gradients are
+    not finite."""
     check_autograd("mask_gradient_prune_scores")
     check_patchable(model)
     check_loader(model, dataloader)
@@ -176,36 +178,22 @@ def mask_gradient_prune_scores(model: PatchableModel, # the wrapped model
     masks = model.patch_masks
     if any(tuple(m.shape) != tuple(w.mask_shape) for m, w in zip(masks.values(), model.dest_wrappers)):
         raise ValueError("the masks have a per-prompt axis (set_mask_batch_size); take mask gradients outside that block")
-    ablations = _ablations_by_batch(model, dataloader, ablation_type, clean_corrupt)
+    ablation = src_ablation_fn(model, dataloader, ablation_type, clean_corrupt)
     names, params = list(masks), list(masks.values())
-    scores = {name: t.zeros(m.shape, dtype=t.promote_types(m.dtype, t.float32), device=m.device) for name, m in masks.items()}
-    weights, losses, steps = _PromptWeights(), [], []
-    step_name = lambda val, i, key: f"batch {i} (key {key}) of the dataloader at mask value {val:g}"
-    with frozen_parameters(model.wrapped_model), train_mask_mode(model):
-        seen = set()
-        # batch by batch, each batch's ablation values computed when it comes and dropped after its mask values:
-        # memory for one batch's ablations, however many batches
-        batches = ((val, i, batch, patch) for i, (batch, patch) in enumerate(ablations()) for val in mask_values)
-        for val, i, batch, patch in progress(batches, desc="mask gradients", total=len(mask_values) * len(dataloader)):
-            if val == mask_values[0]:
-                if batch.key in seen: raise ValueError("two batches of the dataloader have the same prompts (and key); "
-                                                       "use a sampler that visits each prompt once per pass")
-                seen.add(batch.key)
+    def add_batch(batch, scores, weight):
+        patch = ablation(batch)  # computed when the batch comes, dropped after its mask values
+        losses = []
+        for val in mask_values:
             set_all_masks(model, val)
             loss, grads = _batch_gradients(model, batch, patch, params, grad_function, answer_function)
-            weight = weights(batch.clean.shape[0])
             for name, grad in zip(names, grads):
                 if grad is not None: scores[name].add_(grad, alpha=weight)
-            losses.append(loss); steps.append((val, i, batch.key))
-        _check_step_losses(losses, [step_name(*s) for s in steps])
-        if not _all_finite(scores):  # a finite loss with non-finite gradients: find the batch (only now, a second pass)
-            for i, (batch, patch) in enumerate(ablations()):
-                for val in mask_values:
-                    set_all_masks(model, val)
-                    for grad in _batch_gradients(model, batch, patch, params, grad_function, answer_function)[1]:
-                        if grad is not None: check_finite(grad, f"the mask gradients on {step_name(val, i, batch.key)}")
-            for name, s in scores.items(): check_finite(s, f"the summed mask gradients at {name}")
-    return weights.finish(scores)
+            losses.append(loss)
+        return losses
+    step_names = lambda i, batch: [f"batch {i} (key {batch.key}) of the dataloader at mask value {val:g}" for val in mask_values]
+    scores = {name: t.zeros(m.shape, dtype=t.promote_types(m.dtype, t.float32), device=m.device) for name, m in masks.items()}
+    with frozen_parameters(model.wrapped_model), train_mask_mode(model):
+        return sum_over_batches(dataloader, scores, add_batch, step_names, "mask gradients", unique=True)
 
 # %% ../nbs/03_mask_gradients.ipynb #4c23a8df
 class MaskGradientExplorer:

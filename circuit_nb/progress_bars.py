@@ -10,6 +10,7 @@ from typing import Iterable, Optional
 
 from tqdm.auto import tqdm
 from .checks import check_bool
+from .distributed import rank_and_world
 
 # %% auto #0
 __all__ = ['progress', 'show_progress']
@@ -21,8 +22,8 @@ def progress(iterable: Iterable, # what to loop over
              desc: Optional[str] = None, # the bar's label
              total: Optional[int] = None, # its length, when `iterable` has none
              **kwargs): # passed on to `tqdm`
-    "`iterable`, with a progress bar unless progress bars are switched off."
-    return tqdm(iterable, desc=desc, total=total, leave=False, disable=not _enabled[0], **kwargs)
+    "`iterable`, with a progress bar unless progress bars are switched off (or this is not rank 0 of a process group)."
+    return tqdm(iterable, desc=desc, total=total, leave=False, disable=not _enabled[0] or rank_and_world()[0] > 0, **kwargs)
 
 class show_progress:
     "Switch progress bars on or off: for good when called, or for a `with` block."

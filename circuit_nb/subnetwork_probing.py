@@ -15,9 +15,12 @@ from torch.nn.functional import log_softmax
 
 from .checks import check_autograd, check_bool, check_finite, check_int, check_loader, check_number, check_patchable
 from .data import (BatchKey, PromptDataLoader, PromptPairBatch, answer_means, batch_answer_diff_percents,
-                             batch_avg_answer_val, correct_answer_proportion, multibatch_kl_div, src_ablations)
+                             batch_avg_answer_val, batch_rows, correct_answer_proportion, multibatch_kl_div, src_ablations)
+from .distributed import (all_reduce_sum_, gather_objects, on_every_rank, rank_and_world, rank_rows, same_batches,
+                                    share_batches)
 from .graph import (HARD_CONCRETE_STRETCH, HARD_CONCRETE_TEMPERATURE, PatchableModel, draw_graph, resolve_edges,
-                              mask_fn_mode, out_slice_logits, patch_mode, set_all_masks, train_mask_mode)
+                              mask_fn_mode, out_slice_logits, patch_mode, seeded_gate_noise, set_all_masks,
+                              train_mask_mode)
 from .progress_bars import progress
 from .types import AblationType, Edge, MaskFn, PruneScores, check_option
 
@@ -147,20 +150,25 @@ def _float32_masks(model: PatchableModel, # the wrapped model
 # %% ../nbs/05_subnetwork_probing.ipynb #288e3766
 def _validation_faithfulness(model: PatchableModel, dataloader: PromptDataLoader, refs: _References, mask_fn: MaskFn,
                              tree_optimisation: bool, faithfulness_target: str, step: str) -> float:
-    "The faithfulness term over `dataloader`, each prompt weighing the same, with noise-free gates and no dropout."
+    """The faithfulness term over `dataloader`, each prompt weighing the same, with noise-free gates and no dropout; with a
+    process group each rank evaluates its share of the batches."""
     model.wrappers.eval()  # noise-free gates (the model itself is in eval mode throughout, see train_mask_mode)
-    values, sizes = [], []
-    with t.no_grad(), mask_fn_mode(model, mask_fn, 0.0):
-        for i, batch in enumerate(dataloader):
-            clean_logits, patch = refs(batch)
-            with patch_mode(model, patch):
-                logits = out_slice_logits(model, batch.clean if tree_optimisation else batch.corrupt)
-                value = sp_faithfulness(logits, clean_logits, batch, faithfulness_target)
-            check_finite(value, f"the validation faithfulness on batch {i} (key {batch.key}) of validation_dataloader after {step}")
-            values.append(value.item()); sizes.append(batch.clean.shape[0])
-    model.wrappers.train()
-    if len(set(sizes)) == 1: return sum(values) / len(values)  # equal batches: the mean of the batch means
-    return sum(v * n for v, n in zip(values, sizes)) / sum(sizes)
+    share = share_batches(dataloader, "validation_dataloader")
+    sums = t.zeros(2, dtype=t.float64)  # Σ batch values, Σ batch values × batch sizes
+    def evaluate_share():
+        with t.no_grad(), mask_fn_mode(model, mask_fn, 0.0):
+            for i, batch in share.mine:
+                clean_logits, patch = refs(batch)
+                with patch_mode(model, patch):
+                    logits = out_slice_logits(model, batch.clean if tree_optimisation else batch.corrupt)
+                    value = sp_faithfulness(logits, clean_logits, batch, faithfulness_target)
+                check_finite(value, f"the validation faithfulness on batch {i} (key {batch.key}) of validation_dataloader after {step}")
+                sums.add_(t.tensor([1.0, batch.clean.shape[0]], dtype=t.float64) * value.item())
+    try: on_every_rank(evaluate_share)
+    finally: model.wrappers.train()
+    all_reduce_sum_([sums])
+    if len(set(share.sizes)) == 1: return sums[0].item() / len(share.sizes)  # equal batches: the mean of the batch means
+    return sums[1].item() / share.n_prompts
 
 # %% ../nbs/05_subnetwork_probing.ipynb #3441558f
 @dataclass
@@ -238,26 +246,43 @@ def train_subnetwork_probe(model: PatchableModel, # the wrapped model (see `patc
         val_refs = None if validation_dataloader is None else _References(model, validation_dataloader, tree_optimisation)
         set_all_masks(model, _initial_mask(init_val, mask_fn, tree_optimisation))
         optim = t.optim.Adam(masks.values(), lr=learning_rate)
+        rank = rank_and_world()[0]
+        seed = gather_objects(int(t.randint(0, 2 ** 62, ())))[0]  # rank 0's: every rank samples the same gate noise
+        n_steps, expected_device = 0, next(iter(masks.values())).device
         for epoch in (bar := progress(range(epochs), desc="Subnetwork probing")):
-            for i, batch in enumerate(dataloader):
+            for i, batch in enumerate(same_batches(dataloader)):  # every rank the same batches, each its own rows of them
                 step = f"epoch {epoch}, batch {i} (key {batch.key}) of the dataloader"
                 optim.zero_grad(set_to_none=True)
-                clean_logits, patch = train_refs(batch)
-                with patch_mode(model, patch):
-                    logits = out_slice_logits(model, batch.clean if tree_optimisation else batch.corrupt)
-                    faith = sp_faithfulness(logits, clean_logits, batch, faithfulness_target)
-                    expected = in_circuit(t.cat([m.flatten() for m in masks.values()])).sum()
-                    size = t.relu(expected - circuit_size) / circuit_size if circuit_size else expected / model.n_edges
-                    avoid_penalty = (avoid_lambda * t.stack([in_circuit(masks[e.dest.module_name][e.patch_idx]) for e in avoid]).mean()
-                                     if avoid else t.zeros((), device=faith.device))
-                    loss = faith + regularize_lambda * size + avoid_penalty
-                    values = t.stack([v.detach().double() for v in (loss, faith, regularize_lambda * size, avoid_penalty, expected)]).tolist()
-                    check_finite(loss.detach(), f"the subnetwork probing loss at {step} (faithfulness {values[1]:.4g}, "
-                                                f"size term {values[2]:.4g}{hint})")
-                    loss.backward()
-                    grads = {name: m.grad for name, m in masks.items()}
-                for name, m in masks.items(): m.grad = grads[name]
+                rows, n = rank_rows(len(batch.clean)), len(batch.clean)
+                def faithfulness_share() -> Tuple[Tensor, List[Tensor]]:  # this rank's rows' share of the batch's faithfulness term, and its gradients
+                    if not rows: return t.zeros((), dtype=t.float64, device=expected_device), [t.zeros_like(m) for m in masks.values()]
+                    part = batch_rows(batch, rows)
+                    clean_logits, patch = train_refs(part)
+                    with patch_mode(model, patch), seeded_gate_noise(model, seed + n_steps, rows, n):
+                        logits = out_slice_logits(model, part.clean if tree_optimisation else part.corrupt)
+                        faith = sp_faithfulness(logits, clean_logits, part, faithfulness_target) * (len(rows) / n)
+                        faith.backward()
+                        grads = [t.zeros_like(m) if m.grad is None else m.grad for m in masks.values()]  # patch_mode restores .grad on exit
+                    return faith.detach().double(), grads
+                faith, grads = on_every_rank(faithfulness_share)
+                expected = in_circuit(t.cat([m.flatten() for m in masks.values()])).sum()
+                size = t.relu(expected - circuit_size) / circuit_size if circuit_size else expected / model.n_edges
+                avoid_penalty = (avoid_lambda * t.stack([in_circuit(masks[e.dest.module_name][e.patch_idx]) for e in avoid]).mean()
+                                 if avoid else t.zeros((), device=expected.device))
+                penalty = regularize_lambda * size + avoid_penalty
+                if rank == 0:  # the masks' own terms, once: the ranks' gradients are summed
+                    for g, d in zip(grads, t.autograd.grad(penalty, list(masks.values()), allow_unused=True)):
+                        if d is not None: g.add_(d)
+                all_reduce_sum_(grads + [faith.reshape(1)])  # the batch's gradient and faithfulness, on every rank
+                for m, g in zip(masks.values(), grads): m.grad = g
+                faith = faith.reshape(())
+                loss = faith + penalty.detach().double()
+                values = t.stack([loss, faith, (regularize_lambda * size).detach().double(), avoid_penalty.detach().double(),
+                                  expected.detach().double()]).tolist()
+                check_finite(loss, f"the subnetwork probing loss at {step} (faithfulness {values[1]:.4g}, "
+                                   f"size term {values[2]:.4g}{hint})")
                 optim.step()
+                n_steps += 1
                 if mask_fn is None: _clip_masks(masks)
                 check_finite(t.cat([m.detach().flatten() for m in masks.values()]), f"the learned masks after {step}")
                 for key, value in zip(("loss", "faithfulness", "regularisation", "avoid_penalty", "expected_circuit_size"), values):
