@@ -6,6 +6,7 @@
 from __future__ import annotations
 import time, warnings
 from pathlib import Path
+from typing import Union
 
 import torch as t
 from fastcore.script import call_parse, store_true
@@ -30,6 +31,7 @@ def discover_circuit(task: str = "induction", # a zoo task, see `list_tasks()`
                      top: int = 10, # how many top edges to print
                      target_percent: float = 80.0, # the circuit kept is the smallest with this % of the logit difference
                      seed: int = 0, # seeds the prompts
+                     device: Union[str, t.device] = "cpu", # where the model and prompts live
                     ) -> dict:
     """Score the edges of a zoo task by edge attribution patching, evaluate the top-k circuits, and write the results.
     Under `torchrun` (an initialised process group, see `00h_distributed`) every rank computes its share of the prompts
@@ -38,7 +40,7 @@ def discover_circuit(task: str = "induction", # a zoo task, see `list_tasks()`
     lead = rank_and_world()[0] == 0
     say = print if lead else (lambda *args: None)
     check_int("top", top, lo=0); check_number("target_percent", target_percent, lo=0)
-    zoo_task = load_task(task, seed=seed)
+    zoo_task = load_task(task, seed=seed, device=t.device(device))
     model, out = zoo_task.model, Path(out_dir)
     if lead: out.mkdir(parents=True, exist_ok=True)
     say(f"task {task!r}: {model.n_edges} edges; {len(zoo_task.train_loader.dataset)} train / "
