@@ -22,7 +22,7 @@ work itself apart from the machine's other jobs: wall time per prompt on 2 ranks
 Rank 0 writes its numbers (JSON) and its scores (`torch.save`) to files the launcher reads; the launcher checks
 that the 2-rank scores equal the 1-rank ones (max abs difference / max abs score).
 """
-import argparse, json, os, platform, subprocess, sys, tempfile, time, warnings
+import argparse, json, os, platform, sys, tempfile, time, warnings
 from pathlib import Path
 
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
