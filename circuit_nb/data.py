@@ -17,7 +17,7 @@ from fastcore.basics import patch
 
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from .checks import check_bool, check_int, check_loader, check_patchable, check_tokens
+from .checks import check_bool, check_finite, check_int, check_loader, check_patchable, check_tokens
 from .distributed import all_reduce_sum_, on_every_rank, share_batches
 from .graph import PatchableModel, source_outputs
 from .types import AblationType
@@ -626,7 +626,7 @@ def _dataset_mean(model: PatchableModel, dataloader: PromptDataLoader, ablation_
                 total.add_(part); count.add_(n)  # float64: means over big datasets stay exact
     on_every_rank(add_share)
     all_reduce_sum_([total, count])
-    return (total / count.clamp_min(1)).to(model.cfg.dtype)
+    return check_finite((total / count.clamp_min(1)).to(model.cfg.dtype), f"the dataset mean source outputs ({ablation_type})")
 
 # %% ../nbs/02_data.ipynb #b4ff4dfb
 def src_ablations(model: PatchableModel, # the wrapped model (see `patchable_model`)

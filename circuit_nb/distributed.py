@@ -71,7 +71,8 @@ def same_batches(dataloader, # a `PromptDataLoader` (any iterable of `PromptPair
         other = next((r for r, d in enumerate(digests) if d != digests[0]), None)
         if other is not None:
             raise ValueError(f"{name} yields other batches on rank {other} than on rank 0, so the ranks would not split one "
-                             "pass between them: use shuffle=False, or give the loader a generator seeded alike on every rank")
+                             "pass between them: give every rank the same prompts and batch size, and shuffle=False or a "
+                             "generator seeded alike on every rank")
     return batches
 
 def share_batches(dataloader, # a `PromptDataLoader` (any iterable of `PromptPairBatch`es)

@@ -178,7 +178,7 @@ def exact_prune_scores(model: PatchableModel, # the wrapped model (see `patchabl
             for batch, chunk in progress(passes, desc="exact patching: passes"):
                 if current is None or current[0] != batch.key:
                     clean = check_finite(prompt_losses(_at_least_float32(out_slice_logits(model, batch.clean)), batch,
-                                                       answer_function), "the loss of the clean run")
+                                                       answer_function), f"the loss of the clean run on the batch of key {batch.key}")
                     current = (batch.key, clean, ablation(batch))
                 out = run_mask_groups(model, batch.clean, current[2], _group_masks(model, [[edges[i]] for i in chunk]))
                 losses = prompt_losses(_at_least_float32(out), tiled_batch(batch, len(chunk)), answer_function).view(len(chunk), -1)
