@@ -15,7 +15,7 @@ from torch import Tensor
 from .checks import check_bool, check_finite, check_int, check_loader, check_number, check_patchable, check_prune_scores
 from .data import (BatchKey, PromptDataLoader, PromptPairBatch, batch_answer_diffs, batch_avg_answer_val,
                              correct_answer_proportion, multibatch_kl_div, src_ablation_fn)
-from .distributed import gather_tensors, is_data_parallel, on_every_rank, rank_and_world, share_batches
+from .distributed import check_same_call, gather_tensors, is_data_parallel, on_every_rank, rank_and_world, share_batches
 from .graph import (PatchableModel, edge_counts_from, draw_graph, out_slice_logits, patch_mode, reusing_buffers,
                               set_mask_batch_size)
 from .progress_bars import progress
@@ -143,6 +143,9 @@ def run_circuits(model: PatchableModel, # the wrapped model
     every batch: `{edge count: {batch key: outputs}}`, counts sorted. With a process group each rank runs its share of the
     batches and every rank gets all the outputs (`gather_tensors`); only rank 0 draws. Raises `FloatingPointError` for
     non-finite outputs."""
+    check_same_call("run_circuits", model=model, test_edge_counts=test_edge_counts, prune_scores=prune_scores,
+                    patch_type=patch_type, ablation_type=ablation_type, reverse_clean_corrupt=reverse_clean_corrupt,
+                    circuits_per_pass=circuits_per_pass)
     counts = _check_circuit_args(model, dataloader, test_edge_counts, prune_scores, patch_type, ablation_type,
                                  reverse_clean_corrupt, render_graph, render_score_threshold, render_file_path, circuits_per_pass)
     ranks = edge_ranks(model, prune_scores)
@@ -213,6 +216,8 @@ def prompt_measures(model: PatchableModel, # the wrapped model
     """One value (or row of values) per prompt for every circuit size, `{edge count: [n_prompts, ...]}` (prompts in the
     loader's order; with a process group, each rank measures its share of the batches and every rank gets all values);
     raises `FloatingPointError` naming the size and batch of a non-finite value."""
+    check_same_call("prompt_measures", model=model, circuit_outs=circuit_outs, measure=measure, what=what,
+                    compare_to=compare_to)
     check_loader(check_patchable(model), dataloader)
     return _measures(model, dataloader, circuit_outs, {what: measure}, compare_to)[what]
 
@@ -260,6 +265,7 @@ def faithfulness_curves(model: PatchableModel, # the wrapped model
     """For each measure, its value (averaged over prompts) at each circuit size: `[(edge count, value), ...]`;
     raises `FloatingPointError` naming the size and batch of a non-finite value, and `ValueError` naming the prompt
     for `logit_diff_percent` where the full model's answer difference is 0."""
+    check_same_call("faithfulness_curves", model=model, circuit_outs=circuit_outs, measures=measures)
     if isinstance(measures, str): raise TypeError(f"measures must be a list of measure names, not the string {measures!r}")
     if not isinstance(measures, Sequence): raise TypeError(f"measures must be a list of measure names, not {type(measures).__name__}")
     if not measures: raise ValueError(f"measures is empty: give at least one of {list(FAITHFULNESS_MEASURES)}")
@@ -301,6 +307,8 @@ def mib_faithfulness(model: PatchableModel, # the wrapped model
     under it) and CMD (area between it and 1): `dict(fractions, faithfulness, cpr, cmd)`. A fraction f is the circuit of
     ⌊f·n_edges⌋ edges (`edge_counts_from`, as auto-circuit). Raises `TypeError`/`ValueError` for a model that is not wrapped, a bad
     loader, scores or fractions, and when the full model and the empty circuit have the same logit difference."""
+    check_same_call("mib_faithfulness", model=model, prune_scores=prune_scores, fractions=fractions,
+                    ablation_type=ablation_type)
     check_prune_scores(check_patchable(model), prune_scores)
     check_loader(model, dataloader)
     if isinstance(fractions, (str, bytes)) or not hasattr(fractions, "__iter__"):

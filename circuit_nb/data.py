@@ -18,7 +18,7 @@ from fastcore.basics import patch
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from .checks import check_bool, check_finite, check_int, check_loader, check_patchable, check_tokens
-from .distributed import all_reduce_sum_, on_every_rank, share_batches
+from .distributed import all_reduce_sum_, check_same_call, on_every_rank, share_batches
 from .graph import PatchableModel, source_outputs
 from .types import AblationType
 
@@ -634,6 +634,8 @@ def src_ablations(model: PatchableModel, # the wrapped model (see `patchable_mod
                   ablation_type: AblationType = AblationType.RESAMPLE, # which value a patched edge carries
                  ) -> Tensor:
     "The ablation value of every source: `[n_srcs, batch, seq, d_model]`, or `[n_srcs, 1, seq, d_model]` for the dataset means (one row that `patch_mode` gives every prompt of any batch)."
+    if getattr(ablation_type, "mean_over_dataset", False):  # a dataset mean: one computation shared by the ranks
+        check_same_call("src_ablations", model=model, sample=sample, ablation_type=ablation_type)
     check_patchable(model)
     _check_ablation_type(ablation_type)
     if ablation_type.mean_over_dataset:

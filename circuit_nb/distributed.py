@@ -5,6 +5,7 @@
 # %% ../nbs/00h_distributed.ipynb #858c96b0
 from __future__ import annotations
 import hashlib, os, subprocess, sys
+from itertools import chain
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, List, Sequence, Tuple, TypeVar, Union
@@ -15,7 +16,7 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['T', 'rank_and_world', 'is_data_parallel', 'BatchShare', 'gather_objects', 'same_batches', 'share_batches',
-           'rank_rows', 'all_reduce_sum_', 'gather_tensors', 'on_every_rank', 'torchrun']
+           'rank_rows', 'all_reduce_sum_', 'gather_tensors', 'on_every_rank', 'check_same_call', 'torchrun']
 
 # %% ../nbs/00h_distributed.ipynb #47657cde
 def rank_and_world() -> Tuple[int, int]:
@@ -144,6 +145,42 @@ def on_every_rank(work: Callable[[], T], # the work of this rank; it must not us
     first = next((r for r, f in enumerate(failures) if f is not None), None)
     if first is not None: raise _rebuilt(failures[first], first)
     return result
+
+# %% ../nbs/00h_distributed.ipynb #2713fe0c
+def _fingerprint(value) -> str:
+    "A digest that equal values share on every rank: tensors by their bytes, modules by their parameters and buffers, containers item by item, the rest by `repr` (functions by name)."
+    h = hashlib.blake2b(digest_size=12)
+    def add(v):
+        if isinstance(v, Tensor):
+            x = v.detach().cpu().contiguous()
+            h.update(f"tensor {tuple(x.shape)} {x.dtype}".encode()); h.update(x.view(-1).view(t.uint8).numpy().tobytes())
+        elif hasattr(v, "named_parameters") and hasattr(v, "named_buffers"):  # a model: its weights and masks, summed per tensor
+            named = [(n, p) for n, p in chain(v.named_parameters(), v.named_buffers())]
+            h.update(repr([(n, tuple(p.shape)) for n, p in named]).encode())
+            if named: add(t.stack([s for _, p in named for s in (p.detach().double().sum(), p.detach().double().square().sum())]))
+        elif isinstance(v, dict):
+            for k in sorted(v, key=repr): add(k); add(v[k])
+        elif isinstance(v, (list, tuple)):
+            h.update(f"{type(v).__name__} {len(v)}".encode())
+            for x in v: add(x)
+        elif isinstance(v, (set, frozenset)): add(sorted(v, key=repr))
+        elif hasattr(v, "prompt_dataset"): h.update(b"a loader")  # its batches: `same_batches`
+        elif callable(v): h.update(getattr(v, "__qualname__", type(v).__name__).encode())
+        else: h.update(repr(v).encode())
+    add(value)
+    return h.hexdigest()
+
+def check_same_call(what: str, # the function called, for the message
+                    /, **arguments): # its arguments, by name (any name, `what` too)
+    "With a process group, a `ValueError` on every rank unless every rank passed equal `arguments` (tensors compared by their bytes, models by their weights and masks, the rest by value); nothing without one."
+    if not is_data_parallel(): return
+    every = gather_objects({name: _fingerprint(value) for name, value in arguments.items()})
+    for rank, theirs in enumerate(every):
+        other = next((name for name in arguments if theirs.get(name) != every[0].get(name)), None)
+        if other is not None:
+            raise ValueError(f"{what} was called with another {other} on rank {rank} than on rank 0: under a process group "
+                             "every rank must make the same call (model weights, prompts, options), or their shares would "
+                             "not add up to one computation")
 
 # %% ../nbs/00h_distributed.ipynb #44445002
 def torchrun(script: Union[str, Path], # the Python script every process runs

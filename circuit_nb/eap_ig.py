@@ -14,6 +14,7 @@ from .checks import check_autograd, check_bool, check_finite, check_int, check_l
 from .data import PromptDataLoader, PromptPairBatch, batch_avg_answer_diff, batch_avg_answer_val
 from .edge_attribution_patching import _dests_by_hook, _dot_products, _source_outputs, _zero_scores
 from .graph import PatchableModel
+from .distributed import check_same_call
 from .mask_gradients import frozen_parameters, sum_over_batches
 from .progress_bars import progress
 from .types import DestNode, Edge, PruneScores, SrcNode
@@ -163,6 +164,8 @@ def eap_ig_inputs_prune_scores(model: PatchableModel, # the wrapped model (its m
     One tensor per destination module, shaped like its mask `[seq?, head?, source]`, on the masks' device. Costs one
     forward pass and `steps` forward and backward passes per batch. A `TypeError`/`ValueError` names a bad argument;
     a `FloatingPointError` the batch and step whose loss or scores are not finite."""
+    check_same_call("eap_ig_inputs_prune_scores", model=model, steps=steps, answer_diff=answer_diff,
+                    steps_per_pass=steps_per_pass)
     steps = check_int("steps", steps, lo=1)
     return _gradient_average_scores(model, dataloader, lambda m: _input_steps(m, steps), steps_per_pass, answer_diff,
                                     "EAP-IG (inputs)")
@@ -184,6 +187,8 @@ def eap_ig_activations_prune_scores(model: PatchableModel, # the wrapped model (
     passes and C × `steps` forward and backward passes per batch, `steps_per_pass` at a time (by default one component's
     steps: C passes of `steps` × the batch, the memory of the input variant). A `TypeError`/`ValueError` names a bad
     argument; a `FloatingPointError` the batch and step whose loss or scores are not finite."""
+    check_same_call("eap_ig_activations_prune_scores", model=model, steps=steps, answer_diff=answer_diff,
+                    steps_per_pass=steps_per_pass)
     steps = check_int("steps", steps, lo=1)
     return _gradient_average_scores(model, dataloader, lambda m: _activation_steps(m, steps),
                                     steps if steps_per_pass is None else steps_per_pass, answer_diff,
@@ -202,4 +207,5 @@ def clean_corrupted_prune_scores(model: PatchableModel, # the wrapped model (its
     `[seq?, head?, source]`, on the masks' device. Costs two forward and backward passes per batch, stacked in one.
     A `TypeError`/`ValueError` names a bad argument; a `FloatingPointError` the batch and run whose loss or scores are
     not finite."""
+    check_same_call("clean_corrupted_prune_scores", model=model, answer_diff=answer_diff)
     return _gradient_average_scores(model, dataloader, _clean_corrupted_steps, None, answer_diff, "clean-corrupted")

@@ -13,6 +13,7 @@ from torch import Tensor
 from .checks import check_autograd, check_bool, check_finite, check_loader, check_patchable
 from .data import PromptDataLoader, batch_avg_answer_diff, batch_avg_answer_val
 from .graph import PatchableModel
+from .distributed import check_same_call
 from .mask_gradients import frozen_parameters, sum_over_batches
 from .progress_bars import progress
 from .types import DestNode, Edge, PruneScores, SrcNode
@@ -110,6 +111,7 @@ def edge_attribution_patching_prune_scores(model: PatchableModel, # the wrapped 
     `03_mask_gradients`; split across the ranks of a process group, see `sum_over_batches`). One tensor per destination
     module, shaped like its mask `[seq?, head?, source]`, on the masks' device. A `TypeError`/`ValueError` names a bad
     argument; a `FloatingPointError` the batch whose loss or scores are not finite."""
+    check_same_call("edge_attribution_patching_prune_scores", model=model, answer_diff=answer_diff)
     check_autograd("edge_attribution_patching_prune_scores")
     check_patchable(model)
     check_loader(model, dataloader, same_batches=False)

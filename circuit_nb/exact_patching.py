@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .checks import check_bool, check_finite, check_int, check_loader, check_patchable, check_prune_scores
 from .data import PromptDataLoader, PromptPairBatch, answer_means, batch_answer_diffs, src_ablation_fn
-from .distributed import all_reduce_sum_, on_every_rank, share_batches
+from .distributed import all_reduce_sum_, check_same_call, on_every_rank, share_batches
 from .graph import PatchableModel, out_slice_logits, patch_mode, reusing_buffers, set_mask_batch_size
 from .mask_gradients import ANSWER_FUNCTIONS, answer_distribution
 from .progress_bars import progress
@@ -159,6 +159,8 @@ def exact_prune_scores(model: PatchableModel, # the wrapped model (see `patchabl
     across the ranks and the sums all-reduced (`00h_distributed`). A KV-cached loader needs the model wrapped
     with its prefix (`kv_caches`). Raises `TypeError`/`ValueError` for a model that is not wrapped, a shuffled or
     empty loader, a KV-cached one the model does not serve, or bad options; `FloatingPointError` on non-finite losses."""
+    check_same_call("exact_prune_scores", model=model, answer_function=answer_function, ablation_type=ablation_type,
+                    clean_corrupt=clean_corrupt, edges_per_pass=edges_per_pass)
     check_patchable(model)
     check_loader(model, dataloader)
     check_option("answer_function", answer_function, ANSWER_FUNCTIONS)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .checks import check_autograd, check_finite, check_int, check_loader, check_number, check_patchable
 from .data import (PromptDataLoader, PromptPairBatch, batch_avg_answer_diff, batch_avg_answer_val,
                              src_ablation_fn)
-from .distributed import all_reduce_sum_, on_every_rank, share_batches
+from .distributed import all_reduce_sum_, check_same_call, on_every_rank, share_batches
 from .graph import PatchableModel, draw_graph, out_slice_logits, patch_mode, set_all_masks, train_mask_mode
 from .progress_bars import progress, show_progress
 from .types import AblationType, Edge, PruneScores, check_option
@@ -166,6 +166,10 @@ def mask_gradient_prune_scores(model: PatchableModel, # the wrapped model
     see the prompt weights above; split across the ranks of a process group, see `sum_over_batches`) and mask values.
     A `TypeError`/`ValueError` names a bad argument; a `FloatingPointError` names the batch whose loss or gradients are
     not finite."""
+    check_same_call("mask_gradient_prune_scores", model=model, grad_function=grad_function,
+                    answer_function=answer_function, mask_val=mask_val,
+                    integrated_grad_samples=integrated_grad_samples, ablation_type=ablation_type,
+                    clean_corrupt=clean_corrupt)
     check_autograd("mask_gradient_prune_scores")
     check_patchable(model)
     check_loader(model, dataloader)

@@ -16,7 +16,7 @@ from torch.nn.functional import log_softmax
 from .checks import check_autograd, check_bool, check_finite, check_int, check_loader, check_number, check_patchable
 from .data import (BatchKey, PromptDataLoader, PromptPairBatch, answer_means, batch_answer_diff_percents,
                              batch_avg_answer_val, batch_rows, correct_answer_proportion, multibatch_kl_div, src_ablations)
-from .distributed import (all_reduce_sum_, gather_objects, on_every_rank, rank_and_world, rank_rows, same_batches,
+from .distributed import (all_reduce_sum_, check_same_call, gather_objects, on_every_rank, rank_and_world, rank_rows, same_batches,
                                     share_batches)
 from .graph import (HARD_CONCRETE_STRETCH, HARD_CONCRETE_TEMPERATURE, PatchableModel, draw_graph, resolve_edges,
                               mask_fn_mode, out_slice_logits, patch_mode, seeded_gate_noise, set_all_masks,
@@ -233,6 +233,10 @@ def train_subnetwork_probe(model: PatchableModel, # the wrapped model (see `patc
     as faithful and as small a circuit as possible, with Adam on float32 masks whatever the model's dtype. The model
     is left as it was. A `TypeError`/`ValueError` names a bad argument; a `FloatingPointError` the step whose loss or
     learned masks are not finite."""
+    check_same_call("train_subnetwork_probe", model=model, learning_rate=learning_rate, epochs=epochs,
+                    regularize_lambda=regularize_lambda, mask_fn=mask_fn, dropout_p=dropout_p, init_val=init_val,
+                    circuit_size=circuit_size, tree_optimisation=tree_optimisation, avoid_edges=avoid_edges,
+                    avoid_lambda=avoid_lambda, faithfulness_target=faithfulness_target)
     check_autograd("train_subnetwork_probe")
     _check_sp_args(model, dataloader, learning_rate, epochs, regularize_lambda, mask_fn, dropout_p, init_val, circuit_size,
                    tree_optimisation, avoid_lambda, faithfulness_target, validation_dataloader)
