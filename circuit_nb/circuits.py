@@ -15,7 +15,7 @@ from torch import Tensor
 from .checks import check_bool, check_finite, check_int, check_loader, check_number, check_patchable, check_prune_scores
 from .data import (BatchKey, PromptDataLoader, PromptPairBatch, batch_answer_diffs, batch_avg_answer_val,
                              correct_answer_proportion, multibatch_kl_div, src_ablation_fn)
-from .distributed import check_same_call, gather_tensors, is_data_parallel, on_every_rank, rank_and_world, share_batches
+from .distributed import check_same_call, gather_tensors, on_every_rank, rank_and_world, share_batches
 from .graph import (PatchableModel, edge_counts_from, draw_graph, out_slice_logits, patch_mode, reusing_buffers,
                               set_mask_batch_size)
 from .progress_bars import progress

@@ -18,7 +18,7 @@ from fastcore.basics import patch
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from .checks import check_bool, check_finite, check_int, check_loader, check_patchable, check_tokens
-from .distributed import all_reduce_sum_, check_same_call, on_every_rank, share_batches
+from .distributed import all_reduce_sum_, check_same_call, on_every_rank, same_batches, share_batches
 from .graph import PatchableModel, source_outputs
 from .types import AblationType
 
@@ -681,9 +681,4 @@ def batch_src_ablations(model: PatchableModel, # the wrapped model (see `patchab
     _check_ablation_type(ablation_type).check_clean_corrupt(clean_corrupt)
     check_loader(model, dataloader)  # the keys name the batches of later passes, so the loader must not shuffle
     ablation = src_ablation_fn(model, dataloader, ablation_type, clean_corrupt)
-    out: Dict[BatchKey, Tensor] = {}
-    for b in dataloader:
-        if b.key in out: raise ValueError("two batches of the dataloader have the same prompts (and key); "
-                                          "use a sampler that visits each prompt once per pass")
-        out[b.key] = ablation(b)
-    return out
+    return {b.key: ablation(b) for b in same_batches(dataloader, unique=True)}

@@ -15,8 +15,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['T', 'rank_and_world', 'is_data_parallel', 'BatchShare', 'gather_objects', 'same_batches', 'share_batches',
-           'rank_rows', 'all_reduce_sum_', 'gather_tensors', 'on_every_rank', 'check_same_call', 'torchrun']
+__all__ = ['rank_and_world', 'is_data_parallel', 'BatchShare', 'gather_objects', 'same_batches', 'share_batches', 'rank_rows',
+           'all_reduce_sum_', 'gather_tensors', 'on_every_rank', 'check_same_call', 'torchrun']
 
 # %% ../nbs/00h_distributed.ipynb #47657cde
 def rank_and_world() -> Tuple[int, int]:
@@ -126,7 +126,7 @@ def gather_tensors(local: dict, # this rank's tensors by key (the keys of differ
     return {k: local[k] if k in local else v.to(device) for k, v in merged.items()}
 
 # %% ../nbs/00h_distributed.ipynb #cb92a6b8
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 def _rebuilt(failure: Tuple[type, str], rank: int) -> Exception:
     "Rank `rank`'s exception, as this rank raises it: its type where possible (a `RuntimeError` otherwise), its message with the rank."
@@ -134,8 +134,8 @@ def _rebuilt(failure: Tuple[type, str], rank: int) -> Exception:
     try: return cls(f"on rank {rank}: {message}")
     except Exception: return RuntimeError(f"on rank {rank}: {cls.__name__}: {message}")
 
-def on_every_rank(work: Callable[[], T], # the work of this rank; it must not use collectives itself
-                 ) -> T:
+def on_every_rank(work: Callable[[], _T], # the work of this rank; it must not use collectives itself
+                 ) -> _T:
     "`work()`, or, when it raised on any rank, the first failing rank's exception raised on every rank."
     if not is_data_parallel(): return work()
     try: result, failure = work(), None

@@ -10,13 +10,12 @@ from typing import Callable, Dict, List, Optional, Set
 import torch as t
 from torch import Tensor
 
-from .checks import check_autograd, check_bool, check_finite, check_int, check_loader, check_patchable
+from .checks import check_autograd, check_bool, check_int, check_loader, check_patchable
 from .data import PromptDataLoader, PromptPairBatch, batch_avg_answer_diff, batch_avg_answer_val
 from .edge_attribution_patching import _dests_by_hook, _dot_products, _source_outputs, _zero_scores
 from .graph import PatchableModel
 from .distributed import check_same_call
 from .mask_gradients import frozen_parameters, sum_over_batches
-from .progress_bars import progress
 from .types import DestNode, Edge, PruneScores, SrcNode
 
 # %% auto #0

@@ -10,12 +10,11 @@ from typing import Dict, List, Optional, Set
 import torch as t
 from torch import Tensor
 
-from .checks import check_autograd, check_bool, check_finite, check_loader, check_patchable
+from .checks import check_autograd, check_bool, check_loader, check_patchable
 from .data import PromptDataLoader, batch_avg_answer_diff, batch_avg_answer_val
 from .graph import PatchableModel
 from .distributed import check_same_call
 from .mask_gradients import frozen_parameters, sum_over_batches
-from .progress_bars import progress
 from .types import DestNode, Edge, PruneScores, SrcNode
 
 # %% auto #0

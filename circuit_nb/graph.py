@@ -433,16 +433,19 @@ def _record(self: PatchWrapper, x: Tensor):
 
 # %% ../nbs/01_graph.ipynb #4887be37
 def _seeded_uniforms(self: PatchWrapper, per_prompt: bool) -> List[Tensor]:
-    """Two uniform samples (gate noise, dropout) for this destination's mask from `seeded_gate_noise`'s seed and the
-    destination's name: `[rows, *mask_shape]`, the block's rows of a sample for all its prompts, when `per_prompt`."""
+    """Uniform samples for this destination's mask from `seeded_gate_noise`'s seed and the destination's name: the gate
+    noise, and the dropout's when there is dropout (else None); `[rows, *mask_shape]`, the block's rows of a sample for
+    all its prompts, when `per_prompt`."""
     seed, rows, total = self.state.noise
     mask = self.patch_mask
     name = int.from_bytes(hashlib.blake2b(self.module_name.encode(), digest_size=7).digest(), "little")
     generator = t.Generator(device=mask.device)
     generator.manual_seed((seed * 0x9E3779B97F4A7C15 + name) % 2 ** 63)
     shape = (total, *mask.shape) if per_prompt else mask.shape
-    draws = [t.rand(shape, generator=generator, device=mask.device, dtype=mask.dtype) for _ in range(2)]
-    return [d[rows.start:rows.stop] for d in draws] if per_prompt else draws
+    draws = [t.rand(shape, generator=generator, device=mask.device, dtype=mask.dtype)
+             for _ in range(2 if self.state.dropout_p > 0 else 1)]
+    draws = [d[rows.start:rows.stop] for d in draws] if per_prompt else draws
+    return draws + [None] * (2 - len(draws))
 
 def _effective_mask(self: PatchWrapper, batch_size: int) -> Tensor:
     "The mask after the mask function and dropout, as `[batch|1, seq|1, head|1, src]`."

@@ -213,6 +213,22 @@ def _check_sp_args(model, dataloader, learning_rate, epochs, regularize_lambda, 
     check_number("avoid_lambda", avoid_lambda, lo=0)
     check_option("faithfulness_target", faithfulness_target, SP_FAITHFULNESS_TARGETS)
 
+# %% ../nbs/05_subnetwork_probing.ipynb #843d0de0
+def _rows_faithfulness(model: PatchableModel, batch: PromptPairBatch, rows: range, refs: _References, masks: Dict[str, Tensor],
+                       seed: int, tree_optimisation: bool, faithfulness_target: str) -> Tuple[Tensor, List[Tensor]]:
+    """The share of `batch`'s faithfulness term that its `rows` hold (their mean × rows / batch), float64, and its gradient
+    with respect to each of `masks` (zeros when `rows` is empty), with the gate noise of `seeded_gate_noise(seed)`."""
+    if not rows:
+        return t.zeros((), dtype=t.float64, device=next(iter(masks.values())).device), [t.zeros_like(m) for m in masks.values()]
+    part = batch_rows(batch, rows)
+    clean_logits, patch = refs(part)
+    with patch_mode(model, patch), seeded_gate_noise(model, seed, rows, len(batch.clean)):
+        logits = out_slice_logits(model, part.clean if tree_optimisation else part.corrupt)
+        faith = sp_faithfulness(logits, clean_logits, part, faithfulness_target) * (len(rows) / len(batch.clean))
+        faith.backward()
+        grads = [t.zeros_like(m) if m.grad is None else m.grad for m in masks.values()]  # patch_mode restores .grad on exit
+    return faith.detach().double(), grads
+
 # %% ../nbs/05_subnetwork_probing.ipynb #f19b67b4
 def train_subnetwork_probe(model: PatchableModel, # the wrapped model (see `patchable_model`)
                            dataloader: PromptDataLoader, # the prompts to train the masks on (it may shuffle)
@@ -252,23 +268,13 @@ def train_subnetwork_probe(model: PatchableModel, # the wrapped model (see `patc
         optim = t.optim.Adam(masks.values(), lr=learning_rate)
         rank = rank_and_world()[0]
         seed = gather_objects(int(t.randint(0, 2 ** 62, ())))[0]  # rank 0's: every rank samples the same gate noise
-        n_steps, expected_device = 0, next(iter(masks.values())).device
+        n_steps = 0
         for epoch in (bar := progress(range(epochs), desc="Subnetwork probing")):
             for i, batch in enumerate(same_batches(dataloader)):  # every rank the same batches, each its own rows of them
                 step = f"epoch {epoch}, batch {i} (key {batch.key}) of the dataloader"
                 optim.zero_grad(set_to_none=True)
-                rows, n = rank_rows(len(batch.clean)), len(batch.clean)
-                def faithfulness_share() -> Tuple[Tensor, List[Tensor]]:  # this rank's rows' share of the batch's faithfulness term, and its gradients
-                    if not rows: return t.zeros((), dtype=t.float64, device=expected_device), [t.zeros_like(m) for m in masks.values()]
-                    part = batch_rows(batch, rows)
-                    clean_logits, patch = train_refs(part)
-                    with patch_mode(model, patch), seeded_gate_noise(model, seed + n_steps, rows, n):
-                        logits = out_slice_logits(model, part.clean if tree_optimisation else part.corrupt)
-                        faith = sp_faithfulness(logits, clean_logits, part, faithfulness_target) * (len(rows) / n)
-                        faith.backward()
-                        grads = [t.zeros_like(m) if m.grad is None else m.grad for m in masks.values()]  # patch_mode restores .grad on exit
-                    return faith.detach().double(), grads
-                faith, grads = on_every_rank(faithfulness_share)
+                faith, grads = on_every_rank(lambda: _rows_faithfulness(model, batch, rank_rows(len(batch.clean)), train_refs,
+                                                                        masks, seed + n_steps, tree_optimisation, faithfulness_target))
                 expected = in_circuit(t.cat([m.flatten() for m in masks.values()])).sum()
                 size = t.relu(expected - circuit_size) / circuit_size if circuit_size else expected / model.n_edges
                 avoid_penalty = (avoid_lambda * t.stack([in_circuit(masks[e.dest.module_name][e.patch_idx]) for e in avoid]).mean()
