@@ -147,21 +147,33 @@ def on_every_rank(work: Callable[[], _T], # the work of this rank; it must not u
     return result
 
 # %% ../nbs/00h_distributed.ipynb #2713fe0c
+def _weights_digest(tensors: List[Tensor]) -> Tensor:
+    "Per tensor, float64: its sum, its sum of squares, and a sum weighted by position, which a permutation of its values changes."
+    def stats(p):
+        x = p.detach().reshape(-1).double()
+        position = t.linspace(1, 2, x.numel(), dtype=t.float64, device=x.device)
+        return t.stack([x.sum(), x.square().sum(), (x * position).sum()])
+    return t.cat([stats(p).cpu() for p in tensors]) if tensors else t.zeros(0, dtype=t.float64)
+
 def _fingerprint(value) -> str:
-    "A digest that equal values share on every rank: tensors by their bytes, modules by their parameters and buffers, containers item by item, the rest by `repr` (functions by name)."
+    """A digest that equal values share on every rank: tensors by their bytes; models by their weights and masks (see
+    `_weights_digest`) and, for a wrapped model, its output slice, `seq_len` and edges; lists and tuples item by item
+    (alike); dicts and sets by their items; the rest by `repr` (functions by name)."""
     h = hashlib.blake2b(digest_size=12)
     def add(v):
         if isinstance(v, Tensor):
             x = v.detach().cpu().contiguous()
             h.update(f"tensor {tuple(x.shape)} {x.dtype}".encode()); h.update(x.view(-1).view(t.uint8).numpy().tobytes())
-        elif hasattr(v, "named_parameters") and hasattr(v, "named_buffers"):  # a model: its weights and masks, summed per tensor
-            named = [(n, p) for n, p in chain(v.named_parameters(), v.named_buffers())]
-            h.update(repr([(n, tuple(p.shape)) for n, p in named]).encode())
-            if named: add(t.stack([s for _, p in named for s in (p.detach().double().sum(), p.detach().double().square().sum())]))
+        elif hasattr(v, "named_parameters") and hasattr(v, "named_buffers"):  # a model
+            named = list(chain(v.named_parameters(), v.named_buffers()))
+            h.update(repr([(n, tuple(p.shape), str(p.dtype)) for n, p in named]).encode())
+            add(_weights_digest([p for _, p in named]))
+            if getattr(type(v), "_is_patchable_model", False):  # what the wrapping adds: the outputs read, the graph
+                add([repr(v.out_slice), v.seq_len, [e.name for e in v.edges]])
         elif isinstance(v, dict):
             for k in sorted(v, key=repr): add(k); add(v[k])
         elif isinstance(v, (list, tuple)):
-            h.update(f"{type(v).__name__} {len(v)}".encode())
+            h.update(f"sequence {len(v)}".encode())
             for x in v: add(x)
         elif isinstance(v, (set, frozenset)): add(sorted(v, key=repr))
         elif hasattr(v, "prompt_dataset"): h.update(b"a loader")  # its batches: `same_batches`
@@ -172,7 +184,10 @@ def _fingerprint(value) -> str:
 
 def check_same_call(what: str, # the function called, for the message
                     /, **arguments): # its arguments, by name (any name, `what` too)
-    "With a process group, a `ValueError` on every rank unless every rank passed equal `arguments` (tensors compared by their bytes, models by their weights and masks, the rest by value); nothing without one."
+    """With a process group, a `ValueError` on every rank unless every rank passed equal `arguments` (tensors compared by
+    their bytes, models by their weights, masks, output slice and graph, the rest by value); nothing without one.
+    Every option counts, even one that only batches the work (`circuits_per_pass`): a value refused on one rank alone
+    must be caught here, before the ranks part ways."""
     if not is_data_parallel(): return
     every = gather_objects({name: _fingerprint(value) for name, value in arguments.items()})
     for rank, theirs in enumerate(every):
